@@ -1,0 +1,93 @@
+"""Pure-torch reference of the affine coupling with volume normalization and 1x1 mixing.
+
+From the parameter network's raw output ``h = [s_raw, t]`` (B, 2C, hp, wp):
+s = clamp * 0.636 * atan(s_raw / clamp); s = s - mean (batch mean over the VN dims in
+training, the running mean in eval); when the parameter resolution is a multiple of the
+target's, s and t are nearest-resized (pick every k-th pixel); z = W (exp(s) * x + t),
+W applied per pixel over channels (method.md sections 3-6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SOFT_CLAMP_GAIN = 0.636
+VN_DIMS = {"CVN": (0, 1), "SVN": (0, 2, 3)}
+
+
+def vn_dims(volume_norm: str) -> tuple[int, ...]:
+    """Reduction dims of a volume normalization: CVN (0, 1) per pixel, SVN (0, 2, 3)."""
+    try:
+        return VN_DIMS[volume_norm]
+    except KeyError:
+        raise ValueError(f"volume_norm must be 'CVN' or 'SVN', got {volume_norm!r}") from None
+
+
+def soft_clamp(s_raw: torch.Tensor, clamp: float) -> torch.Tensor:
+    """clamp * 0.636 * atan(s_raw / clamp): smooth bound of |s| below ~clamp."""
+    return clamp * SOFT_CLAMP_GAIN * torch.atan(s_raw / clamp)
+
+
+def _log_scale_and_shift(
+    h: torch.Tensor,
+    target_hw: tuple[int, int],
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s_raw, shift = h.chunk(2, dim=1)
+    log_scale = soft_clamp(s_raw, clamp)
+    if training:
+        mean = log_scale.mean(dim=vn_dims(volume_norm), keepdim=True)
+    else:
+        if running_mean is None:
+            raise ValueError("eval mode needs the running mean of the volume normalization")
+        mean = running_mean
+    log_scale = log_scale - mean
+    stride_h, stride_w = h.shape[-2] // target_hw[0], h.shape[-1] // target_hw[1]
+    if (stride_h, stride_w) != (1, 1):
+        log_scale = log_scale[..., ::stride_h, ::stride_w]
+        shift = shift[..., ::stride_h, ::stride_w]
+    return log_scale, shift, mean
+
+
+def mix_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply a (C_out, C_in) matrix per pixel: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    return torch.einsum("oc,bchw->bohw", weight, x)
+
+
+def affine_coupling(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    *,
+    volume_norm: str,
+    training: bool,
+    clamp: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward coupling. Returns ``(z, mean)``; ``mean`` is the VN mean that was subtracted
+    (the batch mean in training, for the caller's running-mean update)."""
+    log_scale, shift, mean = _log_scale_and_shift(
+        h, x.shape[-2:], running_mean, volume_norm, training, clamp
+    )
+    return mix_channels(weight, torch.exp(log_scale) * x + shift), mean
+
+
+def affine_coupling_inverse(
+    z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    *,
+    volume_norm: str,
+    training: bool,
+    clamp: float = 2.0,
+) -> torch.Tensor:
+    """Inverse coupling: x = (W^-1 z - t) * exp(-s) with the same (s, t) as the forward."""
+    log_scale, shift, _ = _log_scale_and_shift(
+        h, z.shape[-2:], running_mean, volume_norm, training, clamp
+    )
+    inverse_weight = torch.linalg.inv(weight.double()).to(weight.dtype)
+    return (mix_channels(inverse_weight, z) - shift) * torch.exp(-log_scale)

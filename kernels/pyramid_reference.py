@@ -1,0 +1,71 @@
+"""Pure-torch reference of the invertible Laplacian pyramid (method.md section 2).
+
+G is the 5x5 binomial blur ([1,4,6,4,1] outer itself / 256) with zero padding 2,
+Down(x) = maxpool2x2(G(x)), Up(x) = G(pixel-replicate(x)). Everything acts per channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+BINOMIAL_TAPS = (1.0, 4.0, 6.0, 4.0, 1.0)
+
+
+def _taps(x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(BINOMIAL_TAPS, dtype=x.dtype, device=x.device) / 16.0
+
+
+def blur(x: torch.Tensor) -> torch.Tensor:
+    """5x5 binomial blur of (B, C, H, W), zero padded, same size (separable)."""
+    b, c, h, w = x.shape
+    taps = _taps(x)
+    flat = x.reshape(b * c, 1, h, w)
+    flat = F.conv2d(flat, taps.view(1, 1, 1, 5), padding=(0, 2))
+    flat = F.conv2d(flat, taps.view(1, 1, 5, 1), padding=(2, 0))
+    return flat.reshape(b, c, h, w)
+
+
+def down(x: torch.Tensor) -> torch.Tensor:
+    """Blur then 2x2 max pooling with stride 2."""
+    return F.max_pool2d(blur(x), kernel_size=2, stride=2)
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """Pixel replication to twice the size, then blur."""
+    return blur(x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1))
+
+
+def check_pyramid_input(x: torch.Tensor, levels: int) -> None:
+    """Raise a clear ValueError unless x is (B, C, H, W) with H, W divisible by 2^(L-1)."""
+    if levels < 2:
+        raise ValueError(f"levels must be >= 2, got {levels}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    step = 2 ** (levels - 1)
+    if x.shape[-2] % step or x.shape[-1] % step:
+        raise ValueError(
+            f"height and width must be divisible by 2^(levels-1) = {step} for {levels} "
+            f"levels, got {x.shape[-2]}x{x.shape[-1]}"
+        )
+
+
+def decompose(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Split x into ``levels`` bands, finest first; the last band is the coarse Gaussian."""
+    check_pyramid_input(x, levels)
+    gaussians = [x]
+    for _ in range(levels - 1):
+        gaussians.append(down(gaussians[-1]))
+    bands = [g - up(g_next) for g, g_next in zip(gaussians[:-1], gaussians[1:], strict=True)]
+    bands.append(gaussians[-1])
+    return bands
+
+
+def compose(bands: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Exact inverse of :func:`decompose`: r = band[L-1]; r = Up(r) + band[i] downwards."""
+    result = bands[-1]
+    for band in reversed(bands[:-1]):
+        result = up(result) + band
+    return result

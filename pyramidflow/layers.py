@@ -1,0 +1,186 @@
+"""The building blocks of PyramidFlow: input projection, 1x1 mixing, coupling blocks."""
+
+from __future__ import annotations
+
+import pyramidflow_kernels as ops
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InputProjection(nn.Module):
+    """Frozen 1x1 convolution in -> C (orthogonal init, no bias), semi-invertible."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        weight = torch.empty(channels, in_channels, 1, 1)
+        nn.init.orthogonal_(weight)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, in, H, W) -> (B, C, H, W), never tracked by autograd."""
+        with torch.no_grad():
+            return F.conv2d(images, self.weight)
+
+    def inverse(self, features: torch.Tensor) -> torch.Tensor:
+        """Least-squares preimage: (B, C, H, W) -> (B, in, H, W) via the pseudo-inverse."""
+        pinv = torch.linalg.pinv(self.weight[:, :, 0, 0].double()).to(features.dtype)
+        return torch.einsum("ic,bchw->bihw", pinv, features)
+
+
+class InvertibleConv1x1(nn.Module):
+    """Glow LU 1x1 convolution with volume normalization: |det W| = 1.
+
+    W = P (L_strict + I) (U_strict + diag(sign * exp(w_s - mean(w_s)))); buffer and
+    parameter names follow the authors' code so their weights map one to one.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
+        p, lower, upper = torch.linalg.lu(q)
+        diagonal = torch.diagonal(upper)
+        u_mask = torch.triu(torch.ones(channels, channels), diagonal=1)
+        self.register_buffer("w_p", p.float())
+        self.register_buffer("u_mask", u_mask)
+        self.register_buffer("l_mask", u_mask.T.contiguous())
+        self.register_buffer("s_sign", torch.sign(diagonal).float())
+        self.register_buffer("l_eye", torch.eye(channels))
+        self.w_l = nn.Parameter(lower.float())
+        self.w_s = nn.Parameter(diagonal.abs().log().float())
+        self.w_u = nn.Parameter(torch.triu(upper, diagonal=1).float())
+
+    def weight(self) -> torch.Tensor:
+        """The (C, C) mixing matrix."""
+        log_diag = self.w_s - self.w_s.mean()
+        lower = self.w_l * self.l_mask + self.l_eye
+        upper = self.w_u * self.u_mask + torch.diag(self.s_sign * torch.exp(log_diag))
+        return self.w_p @ lower @ upper
+
+
+Levels = list[torch.Tensor]
+
+
+class CouplingBlock(nn.Module):
+    """One pyramid coupling block: transforms one level conditioned on its neighbours.
+
+    kind ``up`` (levels j, j+1; transforms j from nearest-up x[j+1]), ``down`` (transforms
+    j+1 from x[j], parameters picked at even pixels), ``dual`` (transforms j+1 from
+    [nearest x[j], nearest x[j+2]]). The conditioning levels pass through unchanged, so
+    :meth:`parameters_for` gives the same output before and after the block.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        start: int,
+        channels: int,
+        kernel_size: int,
+        volume_norm: str,
+        param_hw: tuple[int, int],
+        clamp: float = 2.0,
+        strided_down: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if kind not in ("up", "down", "dual"):
+            raise ValueError(f"unknown block kind {kind!r}")
+        self.kind, self.start, self.clamp = kind, start, clamp
+        self.volume_norm, self.backend = volume_norm, backend
+        self.target = start if kind == "up" else start + 1
+        self.conditions = {"up": (start + 1,), "down": (start,), "dual": (start, start + 2)}[kind]
+        in_channels = 2 * channels if kind == "dual" else channels
+        pad = kernel_size // 2
+        # The down block only reads its parameters at even pixels; with CVN the batch
+        # mean is per pixel, so a stride-2 second conv gives exactly those values. SVN
+        # averages over all pixels and so needs the full-resolution output.
+        self.param_stride = 2 if kind == "down" and strided_down and volume_norm == "CVN" else 1
+        self.param_net = nn.Sequential(
+            nn.Conv2d(in_channels, 2 * channels, kernel_size, padding=pad, bias=False),
+            nn.LeakyReLU(0.01),
+            nn.Conv2d(
+                2 * channels, 2 * channels, kernel_size, padding=pad, bias=False,
+                stride=self.param_stride,
+            ),
+        )  # fmt: skip
+        nn.init.zeros_(self.param_net[2].weight)
+        mean_shape = (1, 1, *param_hw) if volume_norm == "CVN" else (1, channels, 1, 1)
+        self.register_buffer("running_mean", torch.zeros(mean_shape))
+        self.mixing = InvertibleConv1x1(channels)
+        self.momentum = 0.1
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, start={self.start}, target={self.target}"
+
+    def conditioning(self, levels: Levels) -> torch.Tensor:
+        """The parameter network's input, at the parameter resolution."""
+        if self.kind == "up":
+            return F.interpolate(levels[self.start + 1], size=levels[self.start].shape[-2:])
+        if self.kind == "down":
+            return levels[self.start]
+        size = levels[self.start + 1].shape[-2:]
+        return torch.cat(
+            [F.interpolate(levels[self.start], size=size),
+             F.interpolate(levels[self.start + 2], size=size)],
+            dim=1,
+        )  # fmt: skip
+
+    def parameters_for(self, levels: Levels) -> torch.Tensor:
+        """Raw parameter-network output [s_raw, t] (B, 2C, ...)."""
+        return self.param_net(self.conditioning(levels))
+
+    def _running_mean_view(self) -> torch.Tensor:
+        if self.param_stride == 1:
+            return self.running_mean
+        return self.running_mean[..., :: self.param_stride, :: self.param_stride]
+
+    def transform(self, x: torch.Tensor, h: torch.Tensor, update_stats: bool) -> torch.Tensor:
+        """Coupling of the target level given the parameter output ``h``."""
+        z, mean = ops.affine_coupling(
+            x, h, self.mixing.weight(), self._running_mean_view(),
+            volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
+            backend=self.backend,
+        )  # fmt: skip
+        if self.training and update_stats:
+            with torch.no_grad():
+                view = self._running_mean_view()
+                view.mul_(1.0 - self.momentum).add_(
+                    mean.detach().to(view.dtype), alpha=self.momentum
+                )
+        return z
+
+    def untransform(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`transform` (no statistics are touched)."""
+        return ops.affine_coupling_inverse(
+            z, h, self.mixing.weight(), self._running_mean_view(),
+            volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def forward(self, levels: Levels, update_stats: bool = True) -> Levels:
+        """Apply the block; returns a new list with the target level replaced."""
+        out = list(levels)
+        out[self.target] = self.transform(
+            levels[self.target], self.parameters_for(levels), update_stats
+        )
+        return out
+
+    def inverse(self, levels: Levels) -> Levels:
+        """Undo the block (uses batch statistics in training mode, running ones in eval)."""
+        out = list(levels)
+        out[self.target] = self.untransform(levels[self.target], self.parameters_for(levels))
+        return out
+
+
+def block_plan(levels: int) -> list[tuple[str, int]]:
+    """(kind, start) of every block of one stack, in order (method.md section 6)."""
+    plan: list[tuple[str, int]] = []
+    for first in (0, 1):
+        if first == 1:
+            plan.append(("up", 0))
+        for start in range(first, levels, 2):
+            if start + 2 < levels:
+                plan.append(("dual", start))
+            elif start + 1 < levels:
+                plan.append(("down", start))
+    return plan
