@@ -8,6 +8,7 @@ Triton implementation of op ``name`` is the function ``name`` of the module name
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,13 +16,22 @@ import torch
 from . import coupling_reference, loss_map_reference, pyramid_reference
 from ._backend import resolve_backend
 
-TRITON_MODULES: dict[str, str] = {}
+TRITON_MODULES: dict[str, str] = {
+    "pyramid_decompose": "pyramid_triton",
+    "pyramid_compose": "pyramid_triton",
+    "affine_coupling": "coupling_triton",
+    "affine_coupling_inverse": "coupling_triton",
+    "fourier_loss": "loss_map_triton",
+    "anomaly_map": "loss_map_triton",
+}
 
 
 def _pick(name: str, reference: Callable, backend: str | None, tensor: torch.Tensor) -> Callable:
-    if resolve_backend(backend, tensor) == "triton" and name in TRITON_MODULES:
-        module = importlib.import_module(f"{__package__}.{TRITON_MODULES[name]}")
-        return getattr(module, name)
+    if resolve_backend(backend, tensor) == "triton":
+        module_name = f"{__package__}.{TRITON_MODULES[name]}"
+        if importlib.util.find_spec(module_name) is None:
+            raise NotImplementedError(f"no Triton implementation of {name} ({module_name})")
+        return getattr(importlib.import_module(module_name), name)
     return reference
 
 
