@@ -1,0 +1,79 @@
+"""Small helpers shared by the Triton op modules: launching, registration, tile sizes.
+
+- :func:`launch` starts a kernel through ``torch.library.wrap_triton`` (so that
+  ``torch.compile`` / ``torch.export`` capture it) or, under Triton's interpreter
+  (``TRITON_INTERPRET=1``), directly: ``wrap_triton`` rejects interpreted kernels.
+- :func:`register_op` registers a Python launcher as ``pyramidflow::<name>`` with
+  ``torch.library.triton_op`` and, optionally, its backward with ``register_autograd``.
+  The same registered op runs eagerly under the interpreter, so CPU tests exercise the
+  registration and autograd wiring used on the GPU. Compiling (tracing with fake tensors)
+  needs real Triton kernels: under the interpreter :func:`launch` raises a clear error
+  there instead of silently skipping the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+
+from ._backend import interpreting
+
+NAMESPACE = "pyramidflow"
+
+__all__ = ["NAMESPACE", "acc_dtype", "launch", "register_op", "tile_2d", "tile_1d"]
+
+
+def launch(kernel: Callable, grid: tuple[int, ...], *args, **constexprs) -> None:
+    """Launch ``kernel[grid](*args, **constexprs)``, through ``wrap_triton`` on a GPU."""
+    if not interpreting():
+        torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
+        return
+    if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        raise RuntimeError(
+            "Triton kernels cannot be traced under TRITON_INTERPRET=1 (torch.compile / export "
+            "need compiled kernels): run the op eagerly, or compile on a GPU"
+        )
+    kernel[grid](*args, **constexprs)
+
+
+def register_op(
+    name: str,
+    fn: Callable,
+    *,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+) -> Callable:
+    """Register ``fn`` (fully type-annotated, no mutation) as ``pyramidflow::<name>``.
+
+    ``backward(ctx, *grads)`` and ``setup_context(ctx, inputs, output)`` follow
+    ``torch.library.register_autograd``. Returns the callable op.
+    """
+    qualname = f"{NAMESPACE}::{name}"
+    op = torch.library.triton_op(qualname, fn, mutates_args=())
+    if backward is not None:
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    return op
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulation dtype for a kernel on ``dtype``: float64 stays float64, else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def tile_2d(rows: int, width: int) -> tuple[int, int]:
+    """Power-of-two (BLOCK_H, BLOCK_W) for ``rows`` x ``width`` outputs: 16 x 64 on a GPU;
+    up to 128 x 128 under the interpreter, whose cost grows with the number of programs."""
+    max_h, max_w = (128, 128) if interpreting() else (16, 64)
+    block_h = min(max_h, triton.next_power_of_2(max(rows, 1)))
+    block_w = min(max_w, triton.next_power_of_2(max(width, 1)))
+    return block_h, block_w
+
+
+def tile_1d(n: int, max_block: int = 1024) -> int:
+    """Power-of-two block for ``n`` elements, capped at ``max_block`` (x16 when interpreting)."""
+    cap = max_block * 16 if interpreting() else max_block
+    return min(cap, triton.next_power_of_2(max(n, 1)))

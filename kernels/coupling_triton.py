@@ -1,0 +1,681 @@
+"""Triton affine coupling with volume normalization and 1x1 mixing, forward and backward.
+
+Same signatures and semantics as :mod:`coupling_reference` (the oracle). Per call:
+
+- training only: ``_vn_sum_kernel`` reduces the soft-clamped log-scales to the VN batch
+  mean (CVN: per pixel over batch and channels; SVN: per-program partial sums per
+  channel, finished in torch; deterministic, no atomics);
+- ``_coupling_fwd_kernel``: one pass over a tile of target pixels, all channels: soft
+  clamp, VN subtraction, nearest pick of every k-th parameter pixel, exp, affine, and
+  the C x C mixing (an unrolled exact fp32 FMA reduction over input channels), storing z;
+- ``_coupling_inv_kernel``: the inverse (W^-1 from torch in float64) in one pass.
+
+Backward recomputes y from the saved inputs (nothing per pixel is saved): one kernel
+writes the grads of x (or z), both halves of h, and per-program partial sums of the
+weight gradient and of the VN correction; in training a second elementwise kernel
+applies the batch-mean correction ``g_s - mean(g_s)`` and the soft-clamp derivative.
+
+Forward, inverse and both backwards are ``torch.library.triton_op``s
+(``pyramidflow::affine_coupling[_inverse][_backward]``, via ``_triton_utils.register_op``)
+with ``register_autograd``, so ``torch.compile`` / ``torch.export`` see through them; under
+``TRITON_INTERPRET=1`` the same ops run eagerly and launch the kernels directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import acc_dtype, launch, register_op
+from .coupling_reference import SOFT_CLAMP_GAIN, vn_dims
+
+__all__ = ["affine_coupling", "affine_coupling_inverse"]
+
+_TILE_ELEMENTS = 4096  # channels x pixels held by one forward program
+_BWD_TILE_ELEMENTS = 2048  # backward programs keep ~7 such tiles live
+_MAX_BLOCK_P = 1024
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _atan(x):
+    """Single-precision arctangent (Cephes-style range reduction and odd polynomial);
+    libdevice is not available in the interpreter, so both paths share this code."""
+    a = tl.abs(x)
+    big = a > 2.414213562373095  # tan(3 pi / 8)
+    mid = a > 0.4142135623730950  # tan(pi / 8)
+    safe = tl.where(big, a, 1.0)
+    u = tl.where(big, -1.0 / safe, tl.where(mid, (a - 1.0) / (a + 1.0), a))
+    base = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
+    u2 = u * u
+    poly = ((8.05374449538e-2 * u2 - 1.38776856032e-1) * u2 + 1.99777106478e-1) * u2
+    r = base + ((poly - 3.33329491539e-1) * u2 * u + u)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _soft_clamp(s_raw, clamp, GAIN: tl.constexpr):
+    return clamp * GAIN * _atan(s_raw / clamp)
+
+
+@triton.jit
+def _soft_clamp_grad(s_raw, clamp, GAIN: tl.constexpr):
+    r = s_raw / clamp
+    return GAIN / (1.0 + r * r)
+
+
+@triton.jit
+def _param_offsets(p, W, WP, KH: tl.constexpr, KW: tl.constexpr):
+    """Flat offset in the parameter plane of target pixel p (every k-th pixel)."""
+    if KH == 1 and KW == 1:
+        q = p
+    else:
+        i = p // W
+        j = p - i * W
+        q = i * KH * WP + j * KW
+    return q
+
+
+@triton.jit
+def _vn_sum_kernel(
+    h_ptr, part_ptr, HWP, n_tiles, clamp,
+    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, GAIN: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Sums of soft_clamp(s_raw) over a tile of the parameter plane of one image.
+
+    CVN: over channels, per pixel -> part[b, q]. SVN: over pixels, per channel ->
+    part[b * n_tiles + tile, c]."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    q = tile * BLOCK + tl.arange(0, BLOCK)
+    ch = tl.arange(0, CP)
+    mask = (ch[:, None] < C) & (q[None, :] < HWP)
+    base = h_ptr + b.to(tl.int64) * (2 * C) * HWP
+    s_raw = tl.load(base + ch[:, None] * HWP + q[None, :], mask=mask, other=0.0).to(ACC)
+    s = tl.where(mask, _soft_clamp(s_raw, clamp, GAIN), 0.0)
+    if CVN:
+        tl.store(part_ptr + b.to(tl.int64) * HWP + q, tl.sum(s, axis=0), mask=q < HWP)
+    else:
+        row = (b * n_tiles + tile).to(tl.int64) * CP
+        tl.store(part_ptr + row + ch, tl.sum(s, axis=1))
+
+
+@triton.jit
+def _load_log_scale_shift(
+    h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp,
+    C: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    GAIN: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """[CP, BLOCK_P] tiles of s_raw, VN-centred log-scale s and shift t at target pixels p."""
+    q = _param_offsets(p, W, WP, KH, KW)
+    mask = (ch[:, None] < C) & (p[None, :] < HW)
+    base = h_ptr + b.to(tl.int64) * (2 * C) * HWP
+    offs = ch[:, None] * HWP + q[None, :]
+    s_raw = tl.load(base + offs, mask=mask, other=0.0).to(ACC)
+    shift = tl.load(base + C * HWP + offs, mask=mask, other=0.0).to(ACC)
+    if CVN:
+        mean = tl.load(mean_ptr + q, mask=p < HW, other=0.0).to(ACC)[None, :]
+    else:
+        mean = tl.load(mean_ptr + ch, mask=ch < C, other=0.0).to(ACC)[:, None]
+    log_scale = tl.where(mask, _soft_clamp(s_raw, clamp, GAIN) - mean, 0.0)
+    return s_raw, log_scale, shift
+
+
+@triton.jit
+def _coupling_fwd_kernel(
+    x_ptr, h_ptr, w_ptr, mean_ptr, z_ptr, HW, W, HWP, WP, clamp,
+    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    GAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """z = W (exp(s) x + t) for a tile of pixels of one image, all channels."""
+    b = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, CP)
+    pm = p < HW
+    q = _param_offsets(p, W, WP, KH, KW)
+    x_base = x_ptr + b.to(tl.int64) * C * HW
+    h_base = h_ptr + b.to(tl.int64) * (2 * C) * HWP
+    if CVN:
+        mean_pix = tl.load(mean_ptr + q, mask=pm, other=0.0).to(ACC)
+    z = tl.zeros([CP, BLOCK_P], dtype=ACC)
+    for c in tl.static_range(C):
+        x_c = tl.load(x_base + c * HW + p, mask=pm, other=0.0).to(ACC)
+        s_raw = tl.load(h_base + c * HWP + q, mask=pm, other=0.0).to(ACC)
+        t_c = tl.load(h_base + (C + c) * HWP + q, mask=pm, other=0.0).to(ACC)
+        if CVN:
+            mean = mean_pix
+        else:
+            mean = tl.load(mean_ptr + c).to(ACC)
+        y_c = tl.exp(_soft_clamp(s_raw, clamp, GAIN) - mean) * x_c + t_c
+        w_col = tl.load(w_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
+        z += w_col[:, None] * y_c[None, :]
+    out = z_ptr + b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
+    tl.store(out, z.to(z_ptr.dtype.element_ty), mask=(ch[:, None] < C) & pm[None, :])
+
+
+@triton.jit
+def _store_h_grads(
+    gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, g_s, g_t, s_raw, HW, W, HWP, WP, clamp,
+    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    GAIN: tl.constexpr, FINAL: tl.constexpr,
+):  # fmt: skip
+    """Store grad h at the picked pixels: [g_s * clamp', g_t] when FINAL (eval), else
+    the raw g_s plus per-program sums of it for the VN batch-mean correction."""
+    q = _param_offsets(p, W, WP, KH, KW)
+    mask = (ch[:, None] < C) & (p[None, :] < HW)
+    base = gh_ptr + b.to(tl.int64) * (2 * C) * HWP
+    offs = ch[:, None] * HWP + q[None, :]
+    ty = gh_ptr.dtype.element_ty
+    tl.store(base + C * HWP + offs, g_t.to(ty), mask=mask)
+    if FINAL:
+        tl.store(base + offs, (g_s * _soft_clamp_grad(s_raw, clamp, GAIN)).to(ty), mask=mask)
+    else:
+        tl.store(base + offs, g_s.to(ty), mask=mask)
+        g_s = tl.where(mask, g_s, 0.0)
+        if CVN:
+            tl.store(gpart_ptr + b.to(tl.int64) * HW + p, tl.sum(g_s, axis=0), mask=p < HW)
+        else:
+            row = (b * n_tiles + tile).to(tl.int64) * CP
+            tl.store(gpart_ptr + row + ch, tl.sum(g_s, axis=1))
+
+
+@triton.jit
+def _coupling_bwd_kernel(
+    x_ptr, h_ptr, w_ptr, mean_ptr, gz_ptr, gx_ptr, gh_ptr, wpart_ptr, gpart_ptr,
+    HW, W, HWP, WP, n_tiles, clamp,
+    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    GAIN: tl.constexpr, FINAL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Grads of the forward coupling for a tile of pixels of one image (y recomputed)."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, CP)
+    pm = p < HW
+    mask = (ch[:, None] < C) & pm[None, :]
+    offs = b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    s_raw, log_scale, shift = _load_log_scale_shift(
+        h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
+    )
+    scale = tl.exp(log_scale)
+    y = scale * x + shift
+    g_y = tl.zeros([CP, BLOCK_P], dtype=ACC)
+    wrow_base = wpart_ptr + ((b * n_tiles + tile).to(tl.int64) * C) * CP
+    for o in tl.static_range(C):
+        g_o = tl.load(gz_ptr + b.to(tl.int64) * C * HW + o * HW + p, mask=pm, other=0.0)
+        g_o = g_o.to(ACC)
+        w_row = tl.load(w_ptr + o * C + ch, mask=ch < C, other=0.0).to(ACC)
+        g_y += w_row[:, None] * g_o[None, :]
+        tl.store(wrow_base + o * CP + ch, tl.sum(y * g_o[None, :], axis=1))
+    tl.store(gx_ptr + offs, (g_y * scale).to(gx_ptr.dtype.element_ty), mask=mask)
+    _store_h_grads(
+        gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, g_y * scale * x, g_y, s_raw,
+        HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
+    )  # fmt: skip
+
+
+@triton.jit
+def _inverse_mix(
+    z_ptr, winv_ptr, b, p, ch, HW,
+    C: tl.constexpr, CP: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """y = W^-1 z for a [CP, BLOCK_P] tile (unrolled over input channels)."""
+    y = tl.zeros([CP, BLOCK_P], dtype=ACC)
+    for c in tl.static_range(C):
+        z_c = tl.load(z_ptr + b.to(tl.int64) * C * HW + c * HW + p, mask=p < HW, other=0.0)
+        w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
+        y += w_col[:, None] * z_c.to(ACC)[None, :]
+    return y
+
+
+@triton.jit
+def _coupling_inv_kernel(
+    z_ptr, h_ptr, winv_ptr, mean_ptr, x_ptr, HW, W, HWP, WP, clamp,
+    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    GAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """x = (W^-1 z - t) exp(-s) for a tile of pixels of one image, all channels."""
+    b = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, CP)
+    y = _inverse_mix(z_ptr, winv_ptr, b, p, ch, HW, C, CP, ACC, BLOCK_P)
+    _, log_scale, shift = _load_log_scale_shift(
+        h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
+    )
+    x = (y - shift) * tl.exp(-log_scale)
+    offs = b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
+    tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=(ch[:, None] < C) & (p < HW)[None, :])
+
+
+@triton.jit
+def _coupling_inv_bwd_kernel(
+    z_ptr, h_ptr, winv_ptr, mean_ptr, gx_ptr, gz_ptr, gh_ptr, wpart_ptr, gpart_ptr,
+    HW, W, HWP, WP, n_tiles, clamp,
+    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    GAIN: tl.constexpr, FINAL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Grads of the inverse coupling for a tile of pixels of one image (x recomputed).
+
+    wpart gets per-program sums of g_u z^T, the gradient w.r.t. W^-1 (u = W^-1 z)."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, CP)
+    pm = p < HW
+    mask = (ch[:, None] < C) & pm[None, :]
+    u = _inverse_mix(z_ptr, winv_ptr, b, p, ch, HW, C, CP, ACC, BLOCK_P)
+    s_raw, log_scale, shift = _load_log_scale_shift(
+        h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
+    )
+    inv_scale = tl.exp(-log_scale)
+    offs = b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
+    g_x = tl.load(gx_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g_u = g_x * inv_scale
+    col_base = wpart_ptr + ((b * n_tiles + tile).to(tl.int64) * CP) * C
+    for c in tl.static_range(C):
+        z_c = tl.load(z_ptr + b.to(tl.int64) * C * HW + c * HW + p, mask=pm, other=0.0)
+        w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
+        g_z = tl.sum(w_col[:, None] * g_u, axis=0)
+        tl.store(
+            gz_ptr + b.to(tl.int64) * C * HW + c * HW + p, g_z.to(gz_ptr.dtype.element_ty), mask=pm
+        )
+        tl.store(col_base + ch * C + c, tl.sum(g_u * z_c.to(ACC)[None, :], axis=1))
+    _store_h_grads(
+        gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, -g_u * (u - shift), -g_u, s_raw,
+        HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
+    )  # fmt: skip
+
+
+@triton.jit
+def _vn_grad_kernel(
+    gh_ptr, h_ptr, corr_ptr, HWP, clamp,
+    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, GAIN: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """In place over the whole parameter plane: g_s_raw = (g_s - corr) * clamp'(s_raw),
+    corr = mean of g_s over the VN dims minus grad(mean) / count."""
+    tile = tl.program_id(0)
+    b = tl.program_id(1)
+    q = tile * BLOCK + tl.arange(0, BLOCK)
+    ch = tl.arange(0, CP)
+    mask = (ch[:, None] < C) & (q[None, :] < HWP)
+    offs = b.to(tl.int64) * (2 * C) * HWP + ch[:, None] * HWP + q[None, :]
+    g_s = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
+    s_raw = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if CVN:
+        corr = tl.load(corr_ptr + q, mask=q < HWP, other=0.0).to(ACC)[None, :]
+    else:
+        corr = tl.load(corr_ptr + ch, mask=ch < C, other=0.0).to(ACC)[:, None]
+    g = (g_s - corr) * _soft_clamp_grad(s_raw, clamp, GAIN)
+    tl.store(gh_ptr + offs, g.to(gh_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _padded_channels(channels: int) -> int:
+    return triton.next_power_of_2(channels)
+
+
+def _block(cp: int, pixels: int, elements: int = _TILE_ELEMENTS) -> int:
+    block = max(16, min(_MAX_BLOCK_P, elements // cp))
+    return max(16, min(block, triton.next_power_of_2(pixels)))
+
+
+class _Geometry:
+    """Shapes and strides shared by every launch of one call."""
+
+    def __init__(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
+        if x.dim() != 4 or h.dim() != 4:
+            raise ValueError(f"x and h must be 4-D, got {tuple(x.shape)} and {tuple(h.shape)}")
+        b, c, height, width = x.shape
+        if h.shape[0] != b or h.shape[1] != 2 * c:
+            raise ValueError(f"h must be (B, 2C, ...) = ({b}, {2 * c}, ...), got {tuple(h.shape)}")
+        if weight.shape != (c, c):
+            raise ValueError(f"weight must be ({c}, {c}), got {tuple(weight.shape)}")
+        hp, wp = h.shape[-2:]
+        if hp % height or wp % width or hp < height or wp < width:
+            raise ValueError(
+                f"parameter size {hp}x{wp} must be an integer multiple of the target size "
+                f"{height}x{width}"
+            )
+        self.batch, self.channels, self.height, self.width = b, c, height, width
+        self.hp, self.wp = hp, wp
+        self.kh, self.kw = hp // height, wp // width
+        self.hw, self.hwp = height * width, hp * wp
+        self.cp = _padded_channels(c)
+        self.block = _block(self.cp, self.hw)
+        self.tiles = triton.cdiv(self.hw, self.block)
+        self.block_bwd = _block(self.cp, self.hw, _BWD_TILE_ELEMENTS)
+        self.tiles_bwd = triton.cdiv(self.hw, self.block_bwd)
+        self.block_param = _block(self.cp, self.hwp)
+        self.tiles_param = triton.cdiv(self.hwp, self.block_param)
+
+
+def _vn_count(geo: _Geometry, cvn: bool) -> int:
+    return geo.batch * geo.channels if cvn else geo.batch * geo.hwp
+
+
+def _vn_mean(h: torch.Tensor, geo: _Geometry, cvn: bool, clamp: float) -> torch.Tensor:
+    """Batch mean of soft_clamp(s_raw) over the VN dims, in the VN mean's shape."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if cvn:
+        part = torch.empty(geo.batch, geo.hwp, device=h.device, dtype=acc)
+    else:
+        part = torch.empty(geo.batch * geo.tiles_param, geo.cp, device=h.device, dtype=acc)
+    launch(
+        _vn_sum_kernel, (geo.tiles_param, geo.batch),
+        h, part, geo.hwp, geo.tiles_param, clamp,
+        C=geo.channels, CP=geo.cp, CVN=cvn, GAIN=SOFT_CLAMP_GAIN, ACC=acc_dtype(h.dtype),
+        BLOCK=geo.block_param,
+    )  # fmt: skip
+    total = part.sum(dim=0) / _vn_count(geo, cvn)
+    if cvn:
+        return total.view(1, 1, geo.hp, geo.wp).to(h.dtype)
+    return total[: geo.channels].view(1, geo.channels, 1, 1).to(h.dtype)
+
+
+def _subtracted_mean(
+    h: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    geo: _Geometry,
+    cvn: bool,
+    training: bool,
+    clamp: float,
+) -> torch.Tensor:
+    if training:
+        return _vn_mean(h, geo, cvn, clamp)
+    if running_mean is None:
+        raise ValueError("eval mode needs the running mean of the volume normalization")
+    expected = (1, 1, geo.hp, geo.wp) if cvn else (1, geo.channels, 1, 1)
+    if tuple(running_mean.shape) != expected:
+        raise ValueError(
+            f"running_mean must have shape {expected}, got {tuple(running_mean.shape)}"
+        )
+    return running_mean.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _is_cvn(volume_norm: str) -> bool:
+    return vn_dims(volume_norm) == (0, 1)
+
+
+def _forward_impl(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, h, weight = x.contiguous(), h.contiguous(), weight.contiguous()
+    geo, cvn = _Geometry(x, h, weight), _is_cvn(volume_norm)
+    mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
+    z = torch.empty_like(x)
+    launch(
+        _coupling_fwd_kernel, (geo.tiles, geo.batch),
+        x, h, weight, mean, z, geo.hw, geo.width, geo.hwp, geo.wp, clamp,
+        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        ACC=acc_dtype(x.dtype), BLOCK_P=geo.block,
+    )  # fmt: skip
+    return z, mean
+
+
+def _inverse_weight(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(weight.double()).to(weight.dtype).contiguous()
+
+
+def _inverse_impl(
+    z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (x, the subtracted VN mean); the mean is kept for the backward."""
+    z, h, weight = z.contiguous(), h.contiguous(), weight.contiguous()
+    geo, cvn = _Geometry(z, h, weight), _is_cvn(volume_norm)
+    mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
+    x = torch.empty_like(z)
+    launch(
+        _coupling_inv_kernel, (geo.tiles, geo.batch),
+        z, h, _inverse_weight(weight), mean, x, geo.hw, geo.width, geo.hwp, geo.wp, clamp,
+        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        ACC=acc_dtype(z.dtype), BLOCK_P=geo.block,
+    )  # fmt: skip
+    return x, mean
+
+
+def _grad_buffers(
+    h: torch.Tensor, geo: _Geometry, cvn: bool, training: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad h, weight partials, VN partials). Grad h starts at zero where the kernel
+    does not write it (parameter pixels that are not picked)."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    picked_all = geo.kh == 1 and geo.kw == 1
+    grad_h = torch.empty_like(h) if picked_all else torch.zeros_like(h)
+    wpart = torch.empty(
+        geo.batch * geo.tiles_bwd, geo.channels * geo.cp, device=h.device, dtype=acc
+    )
+    if not training:
+        gpart = torch.empty(1, device=h.device, dtype=acc)
+    elif cvn:
+        gpart = torch.empty(geo.batch, geo.hw, device=h.device, dtype=acc)
+    else:
+        gpart = torch.empty(geo.batch * geo.tiles_bwd, geo.cp, device=h.device, dtype=acc)
+    return grad_h, wpart, gpart
+
+
+def _finish_vn_grad(
+    grad_h: torch.Tensor,
+    h: torch.Tensor,
+    gpart: torch.Tensor,
+    grad_mean: torch.Tensor | None,
+    geo: _Geometry,
+    cvn: bool,
+    clamp: float,
+) -> None:
+    """Training: subtract the VN mean of g_s (and add grad(mean) / count), apply clamp'."""
+    count = _vn_count(geo, cvn)
+    if cvn:
+        corr = torch.zeros(geo.hp, geo.wp, device=h.device, dtype=gpart.dtype)
+        per_pixel = gpart.sum(dim=0).view(geo.height, geo.width) / count
+        corr[:: geo.kh, :: geo.kw] = per_pixel
+    else:
+        corr = gpart.sum(dim=0)[: geo.channels] / count
+    if grad_mean is not None:
+        corr = corr - grad_mean.reshape(corr.shape).to(corr.dtype) / count
+    launch(
+        _vn_grad_kernel, (geo.tiles_param, geo.batch),
+        grad_h, h, corr.contiguous(), geo.hwp, clamp,
+        C=geo.channels, CP=geo.cp, CVN=cvn, GAIN=SOFT_CLAMP_GAIN, ACC=acc_dtype(h.dtype),
+        BLOCK=geo.block_param,
+    )  # fmt: skip
+
+
+def _backward_impl(
+    grad_z: torch.Tensor,
+    grad_mean: torch.Tensor | None,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads (x, h, weight) of the forward coupling; y is recomputed from x and h."""
+    x, h, weight, grad_z = x.contiguous(), h.contiguous(), weight.contiguous(), grad_z.contiguous()
+    geo, cvn = _Geometry(x, h, weight), _is_cvn(volume_norm)
+    grad_x = torch.empty_like(x)
+    grad_h, wpart, gpart = _grad_buffers(h, geo, cvn, training)
+    launch(
+        _coupling_bwd_kernel, (geo.tiles_bwd, geo.batch),
+        x, h, weight, mean, grad_z, grad_x, grad_h, wpart, gpart,
+        geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_bwd, clamp,
+        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        FINAL=not training, ACC=acc_dtype(x.dtype), BLOCK_P=geo.block_bwd,
+    )  # fmt: skip
+    if training:
+        _finish_vn_grad(grad_h, h, gpart, grad_mean, geo, cvn, clamp)
+    grad_w = wpart.sum(dim=0).view(geo.channels, geo.cp)[:, : geo.channels]
+    return grad_x, grad_h, grad_w.to(weight.dtype)
+
+
+def _inverse_backward_impl(
+    grad_x: torch.Tensor,
+    z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads (z, h, weight) of the inverse coupling; x is recomputed from z and h."""
+    z, h, weight, grad_x = z.contiguous(), h.contiguous(), weight.contiguous(), grad_x.contiguous()
+    geo, cvn = _Geometry(z, h, weight), _is_cvn(volume_norm)
+    inverse = _inverse_weight(weight)
+    grad_z = torch.empty_like(z)
+    grad_h, wpart, gpart = _grad_buffers(h, geo, cvn, training)
+    launch(
+        _coupling_inv_bwd_kernel, (geo.tiles_bwd, geo.batch),
+        z, h, inverse, mean, grad_x, grad_z, grad_h, wpart, gpart,
+        geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_bwd, clamp,
+        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        FINAL=not training, ACC=acc_dtype(z.dtype), BLOCK_P=geo.block_bwd,
+    )  # fmt: skip
+    if training:
+        _finish_vn_grad(grad_h, h, gpart, None, geo, cvn, clamp)
+    # d(W^-1) = -W^-1 dW W^-1  =>  grad W = -W^-T grad(W^-1) W^-T
+    grad_inv = wpart.sum(dim=0).view(geo.cp, geo.channels)[: geo.channels].double()
+    inv_t = torch.linalg.inv(weight.double()).T
+    grad_w = -(inv_t @ grad_inv @ inv_t)
+    return grad_z, grad_h, grad_w.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _coupling_fn(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, h, weight, running_mean, volume_norm, training, clamp)
+
+
+def _coupling_backward_fn(
+    grad_z: torch.Tensor,
+    grad_mean: torch.Tensor | None,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_z, grad_mean, x, h, weight, mean, volume_norm, training, clamp)
+
+
+def _inverse_fn(
+    z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _inverse_impl(z, h, weight, running_mean, volume_norm, training, clamp)
+
+
+def _inverse_backward_fn(
+    grad_x: torch.Tensor,
+    z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _inverse_backward_impl(grad_x, z, h, weight, mean, volume_norm, training, clamp)
+
+
+def _setup(ctx, inputs, output) -> None:
+    """Save the op's inputs and the subtracted VN mean (small); y is recomputed."""
+    first, h, weight, _, volume_norm, training, clamp = inputs
+    ctx.save_for_backward(first, h, weight, output[1])
+    ctx.options = (volume_norm, training, clamp)
+
+
+def _coupling_backward(ctx, grad_z, grad_mean):
+    x, h, weight, mean = ctx.saved_tensors
+    if grad_z is None:
+        grad_z = torch.zeros_like(x)
+    grads = _coupling_backward_op(grad_z, grad_mean, x, h, weight, mean, *ctx.options)
+    return (*grads, None, None, None, None)
+
+
+def _inverse_backward(ctx, grad_x, _grad_mean):
+    z, h, weight, mean = ctx.saved_tensors
+    if grad_x is None:
+        grad_x = torch.zeros_like(z)
+    grads = _inverse_backward_op(grad_x, z, h, weight, mean, *ctx.options)
+    return (*grads, None, None, None, None)
+
+
+_coupling_backward_op = register_op("affine_coupling_backward", _coupling_backward_fn)
+_inverse_backward_op = register_op("affine_coupling_inverse_backward", _inverse_backward_fn)
+_coupling_op = register_op(
+    "affine_coupling", _coupling_fn, backward=_coupling_backward, setup_context=_setup
+)
+_inverse_op = register_op(
+    "affine_coupling_inverse", _inverse_fn, backward=_inverse_backward, setup_context=_setup
+)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def affine_coupling(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    *,
+    volume_norm: str,
+    training: bool,
+    clamp: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton coupling forward: ``(z, mean)`` exactly as
+    :func:`coupling_reference.affine_coupling` (the mean is a fresh tensor in eval)."""
+    z, mean = _coupling_op(x, h, weight, running_mean, volume_norm, bool(training), float(clamp))
+    return z, mean
+
+
+def affine_coupling_inverse(
+    z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    *,
+    volume_norm: str,
+    training: bool,
+    clamp: float = 2.0,
+) -> torch.Tensor:
+    """Triton coupling inverse: x exactly as :func:`coupling_reference.affine_coupling_inverse`."""
+    args = (z, h, weight, running_mean, volume_norm, bool(training), float(clamp))
+    return _inverse_op(*args)[0]

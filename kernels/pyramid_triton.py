@@ -1,0 +1,381 @@
+"""Triton Laplacian pyramid: decompose and compose, forward and backward.
+
+Same signatures and semantics as :mod:`pyramid_reference` (the oracle). NCHW tensors are
+seen as N*C independent planes stacked vertically; every kernel works on a 2D tile of
+that stack (a tile may span several small planes), with the zero padding of each plane
+done by masked loads. Two kernels do all the work:
+
+- ``_window_kernel`` (one coarse output pixel per lane) reads the 6x6 fine window
+  rows/cols 2p-2 .. 2p+3 around the 2x2 block of coarse pixel p, and either
+  * ``MODE_BLUR_MAX``: blurs the four fine pixels of the block (separable 5x5 binomial,
+    zero pad 2) and keeps their max: ``Down(g) = maxpool2x2(G(g))`` in one pass; or
+  * ``MODE_UP_ADJOINT``: applies the adjoint of ``Up`` (blur, then sum over 2x2
+    replication blocks), a separable 6x6 stencil with taps [1, 5, 10, 10, 5, 1] / 16.
+- ``_up_kernel`` (one fine pixel per lane) computes ``Up(c) = G(replicate2x(c))`` from the
+  coarse grid directly: after replication, the 5-tap binomial at fine row y = 2p + phase
+  touches coarse rows p-1, p, p+1 with taps (5, 10, 1) / 16 (even phase) or
+  (1, 10, 5) / 16 (odd phase); zero padding at the fine resolution is zero padding of the
+  coarse grid because H and W are even. It writes ``fine + Up(c)`` or ``fine - Up(c)``
+  (band = g - Up(g_next) of decompose, r = Up(r) + band of compose), optionally with
+  per-row maxima of the result (used by the anomaly map's image score).
+
+Per level, decompose is ``_window_kernel`` (blur + max) then ``_up_kernel`` (subtract);
+compose is one ``_up_kernel`` (add). Compose is linear: its backward is its adjoint, one
+``_window_kernel`` (up-adjoint) per level. Decompose's backward (never needed by the model,
+whose pyramid input is frozen) goes through the max-pool argmax in torch: it recomputes
+the blur with ``pyramid_reference.blur``, routes the gradient with ``max_unpool2d``
+and blurs it back (the blur is self-adjoint).
+
+Each per-level primitive is registered with ``torch.library.triton_op`` as
+``pyramidflow::pyramid_down``, ``pyramidflow::pyramid_up_add`` and
+``pyramidflow::pyramid_up_adjoint``, each with ``register_autograd``; the public
+functions chain them in Python, so ``torch.compile`` sees through them on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton_utils import acc_dtype, launch, register_op, tile_2d
+from .pyramid_reference import blur, check_pyramid_input
+
+__all__ = ["pyramid_compose", "pyramid_decompose", "up_add", "up_adjoint", "down"]
+
+MODE_BLUR_MAX = 0
+MODE_UP_ADJOINT = 1
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _row6(ptr, y, x0, H, W, ACC: tl.constexpr):
+    """Six consecutive pixels x0 .. x0+5 of row y, zero outside the plane."""
+    inside = (y >= 0) & (y < H)
+    row = ptr + y * W
+    v0 = tl.load(row + x0, mask=inside & (x0 >= 0) & (x0 < W), other=0.0).to(ACC)
+    v1 = tl.load(row + x0 + 1, mask=inside & (x0 + 1 >= 0) & (x0 + 1 < W), other=0.0).to(ACC)
+    v2 = tl.load(row + x0 + 2, mask=inside & (x0 + 2 < W), other=0.0).to(ACC)
+    v3 = tl.load(row + x0 + 3, mask=inside & (x0 + 3 < W), other=0.0).to(ACC)
+    v4 = tl.load(row + x0 + 4, mask=inside & (x0 + 4 < W), other=0.0).to(ACC)
+    v5 = tl.load(row + x0 + 5, mask=inside & (x0 + 5 < W), other=0.0).to(ACC)
+    return v0, v1, v2, v3, v4, v5
+
+
+@triton.jit
+def _row_blur2(ptr, y, x0, H, W, ACC: tl.constexpr):
+    """Unscaled horizontal binomial at columns x0+2 and x0+3 of row y."""
+    v0, v1, v2, v3, v4, v5 = _row6(ptr, y, x0, H, W, ACC)
+    even = v0 + 4.0 * v1 + 6.0 * v2 + 4.0 * v3 + v4
+    odd = v1 + 4.0 * v2 + 6.0 * v3 + 4.0 * v4 + v5
+    return even, odd
+
+
+@triton.jit
+def _row_adjoint(ptr, y, x0, H, W, ACC: tl.constexpr):
+    """Unscaled up-adjoint taps [1, 5, 10, 10, 5, 1] over columns x0 .. x0+5 of row y."""
+    v0, v1, v2, v3, v4, v5 = _row6(ptr, y, x0, H, W, ACC)
+    return (v0 + v5) + 5.0 * (v1 + v4) + 10.0 * (v2 + v3)
+
+
+@triton.jit
+def _window_kernel(
+    src_ptr,
+    dst_ptr,
+    N,
+    H,
+    W,
+    Ho,
+    Wo,
+    MODE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Coarse (Ho x Wo) output from the 6x6 fine window of each coarse pixel.
+
+    Planes are stacked vertically: output row P is row P % Ho of plane P // Ho, so one
+    tile may span several small planes; zero padding stays per plane."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    q = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    live = rows < N * Ho
+    plane = tl.minimum(rows // Ho, N - 1)  # rows past the end re-read the last plane
+    p = (rows % Ho).to(tl.int32)
+    src = src_ptr + plane * H * W
+    y0 = 2 * p - 2
+    x0 = 2 * q - 2
+    if MODE == 0:
+        e0, o0 = _row_blur2(src, y0, x0, H, W, ACC)
+        e1, o1 = _row_blur2(src, y0 + 1, x0, H, W, ACC)
+        e2, o2 = _row_blur2(src, y0 + 2, x0, H, W, ACC)
+        e3, o3 = _row_blur2(src, y0 + 3, x0, H, W, ACC)
+        e4, o4 = _row_blur2(src, y0 + 4, x0, H, W, ACC)
+        e5, o5 = _row_blur2(src, y0 + 5, x0, H, W, ACC)
+        top_even = e0 + 4.0 * e1 + 6.0 * e2 + 4.0 * e3 + e4
+        top_odd = o0 + 4.0 * o1 + 6.0 * o2 + 4.0 * o3 + o4
+        bottom_even = e1 + 4.0 * e2 + 6.0 * e3 + 4.0 * e4 + e5
+        bottom_odd = o1 + 4.0 * o2 + 6.0 * o3 + 4.0 * o4 + o5
+        result = tl.maximum(tl.maximum(top_even, top_odd), tl.maximum(bottom_even, bottom_odd))
+    else:
+        r0 = _row_adjoint(src, y0, x0, H, W, ACC)
+        r1 = _row_adjoint(src, y0 + 1, x0, H, W, ACC)
+        r2 = _row_adjoint(src, y0 + 2, x0, H, W, ACC)
+        r3 = _row_adjoint(src, y0 + 3, x0, H, W, ACC)
+        r4 = _row_adjoint(src, y0 + 4, x0, H, W, ACC)
+        r5 = _row_adjoint(src, y0 + 5, x0, H, W, ACC)
+        result = (r0 + r5) + 5.0 * (r1 + r4) + 10.0 * (r2 + r3)
+    result = result * (1.0 / 256.0)
+    out_mask = live & (q < Wo)
+    tl.store(dst_ptr + rows * Wo + q, result.to(dst_ptr.dtype.element_ty), out_mask)
+
+
+@triton.jit
+def _coarse_row3(ptr, p, q, Hc, Wc, w_left, w_right, ACC: tl.constexpr):
+    """Unscaled horizontal up-taps (w_left, 10, w_right) at coarse columns q-1, q, q+1."""
+    inside = (p >= 0) & (p < Hc)
+    row = ptr + p * Wc
+    left = tl.load(row + q - 1, mask=inside & (q >= 1) & (q - 1 < Wc), other=0.0).to(ACC)
+    mid = tl.load(row + q, mask=inside & (q < Wc), other=0.0).to(ACC)
+    right = tl.load(row + q + 1, mask=inside & (q + 1 < Wc), other=0.0).to(ACC)
+    return w_left * left + 10.0 * mid + w_right * right
+
+
+@triton.jit
+def _up_kernel(
+    coarse_ptr,
+    fine_ptr,
+    out_ptr,
+    max_ptr,
+    N,
+    H,
+    W,
+    SIGN: tl.constexpr,
+    HAS_FINE: tl.constexpr,
+    WRITE_MAX: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """out = fine + SIGN * Up(coarse) on a tile of N stacked H x W planes (fine optional);
+    with WRITE_MAX, the max of each tile row goes to ``max_ptr[row, program_id(1)]``."""
+    row_ids = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = row_ids[:, None]
+    x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    live = rows < N * H
+    plane = tl.minimum(rows // H, N - 1)  # rows past the end re-read the last plane
+    y = (rows % H).to(tl.int32)
+    Hc = H // 2
+    Wc = W // 2
+    p = y // 2
+    q = x // 2
+    y_even = (y % 2) == 0
+    x_even = (x % 2) == 0
+    wy_up = tl.where(y_even, 5.0, 1.0)
+    wy_down = tl.where(y_even, 1.0, 5.0)
+    wx_left = tl.where(x_even, 5.0, 1.0)
+    wx_right = tl.where(x_even, 1.0, 5.0)
+    coarse = coarse_ptr + plane * Hc * Wc
+    above = _coarse_row3(coarse, p - 1, q, Hc, Wc, wx_left, wx_right, ACC)
+    center = _coarse_row3(coarse, p, q, Hc, Wc, wx_left, wx_right, ACC)
+    below = _coarse_row3(coarse, p + 1, q, Hc, Wc, wx_left, wx_right, ACC)
+    value = (wy_up * above + 10.0 * center + wy_down * below) * (SIGN / 256.0)
+    mask = live & (x < W)
+    offs = rows * W + x
+    if HAS_FINE:
+        value += tl.load(fine_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_MAX:
+        row_max = tl.max(tl.where(mask, value, float("-inf")), axis=1)
+        slots = max_ptr + row_ids * tl.num_programs(1) + tl.program_id(1)
+        tl.store(slots, row_max.to(max_ptr.dtype.element_ty), mask=row_ids < N * H)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _planes(x: torch.Tensor) -> tuple[int, int, int]:
+    if x.dim() < 2:
+        raise ValueError(f"expected (..., H, W) planes, got shape {tuple(x.shape)}")
+    height, width = x.shape[-2], x.shape[-1]
+    return (x.numel() // (height * width) if x.numel() else 0), height, width
+
+
+def window_launch(src: torch.Tensor, mode: int) -> torch.Tensor:
+    """Down (``MODE_BLUR_MAX``) or Up-adjoint (``MODE_UP_ADJOINT``) of (..., H, W) planes."""
+    src = src.contiguous()
+    n, height, width = _planes(src)
+    if height % 2 or width % 2:
+        raise ValueError(f"plane size must be even, got {height}x{width}")
+    out = src.new_empty((*src.shape[:-2], height // 2, width // 2))
+    if n == 0:
+        return out
+    block_h, block_w = tile_2d(n * height // 2, width // 2)
+    grid = (triton.cdiv(n * height // 2, block_h), triton.cdiv(width // 2, block_w))
+    launch(
+        _window_kernel,
+        grid,
+        src,
+        out,
+        n,
+        height,
+        width,
+        height // 2,
+        width // 2,
+        MODE=mode,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+        ACC=acc_dtype(src.dtype),
+    )
+    return out
+
+
+def up_launch(
+    coarse: torch.Tensor,
+    fine: torch.Tensor | None,
+    *,
+    subtract: bool = False,
+    with_max: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fine +/- Up(coarse)`` (just ``Up(coarse)`` when ``fine`` is None) and, with
+    ``with_max``, partial maxima of the result: (N planes, H * column tiles); their max
+    over the last axis is each plane's max."""
+    coarse = coarse.contiguous()
+    shape = (*coarse.shape[:-2], 2 * coarse.shape[-2], 2 * coarse.shape[-1])
+    if fine is not None:
+        if tuple(fine.shape) != shape:
+            raise ValueError(
+                f"level sizes do not match: coarse {tuple(coarse.shape)} needs a finer "
+                f"level of shape {shape}, got {tuple(fine.shape)}"
+            )
+        fine = fine.contiguous()
+        out = torch.empty_like(fine)
+    else:
+        out = coarse.new_empty(shape)
+    n, height, width = _planes(out)
+    block_h, block_w = tile_2d(n * height, width)
+    grid = (triton.cdiv(n * height, block_h), triton.cdiv(width, block_w))
+    maxima = out.new_empty((n, height * grid[1])) if with_max else None
+    if n:
+        launch(
+            _up_kernel,
+            grid,
+            coarse,
+            fine if fine is not None else out,
+            out,
+            maxima if maxima is not None else out,
+            n,
+            height,
+            width,
+            SIGN=-1.0 if subtract else 1.0,
+            HAS_FINE=fine is not None,
+            WRITE_MAX=with_max,
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+            ACC=acc_dtype(out.dtype),
+        )
+    return out, maxima
+
+
+# --------------------------------------------------------------------------- registered ops
+
+
+def _down_fn(x: torch.Tensor) -> torch.Tensor:
+    return window_launch(x, MODE_BLUR_MAX)
+
+
+def _down_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _down_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    (x,) = ctx.saved_tensors
+    flat = x.reshape(-1, 1, *x.shape[-2:])
+    _, argmax = F.max_pool2d(blur(flat), kernel_size=2, stride=2, return_indices=True)
+    routed = F.max_unpool2d(grad.reshape(argmax.shape), argmax, 2, 2, output_size=flat.shape[-2:])
+    return blur(routed).reshape(x.shape)
+
+
+def _up_add_fn(coarse: torch.Tensor, fine: torch.Tensor | None, subtract: bool) -> torch.Tensor:
+    return up_launch(coarse, fine, subtract=subtract)[0]
+
+
+def _up_add_setup(ctx, inputs, output) -> None:
+    ctx.has_fine = inputs[1] is not None
+    ctx.subtract = inputs[2]
+
+
+def _up_add_backward(ctx, grad: torch.Tensor):
+    grad_coarse = up_adjoint(grad)
+    if ctx.subtract:
+        grad_coarse = -grad_coarse
+    return grad_coarse, (grad if ctx.has_fine else None), None
+
+
+def _up_adjoint_fn(fine: torch.Tensor) -> torch.Tensor:
+    return window_launch(fine, MODE_UP_ADJOINT)
+
+
+def _up_adjoint_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _up_adjoint_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    return up_add(grad, None)
+
+
+_down_op = register_op("pyramid_down", _down_fn, backward=_down_backward, setup_context=_down_setup)
+_up_add_op = register_op(
+    "pyramid_up_add", _up_add_fn, backward=_up_add_backward, setup_context=_up_add_setup
+)
+_up_adjoint_op = register_op(
+    "pyramid_up_adjoint",
+    _up_adjoint_fn,
+    backward=_up_adjoint_backward,
+    setup_context=_up_adjoint_setup,
+)
+
+
+def down(x: torch.Tensor) -> torch.Tensor:
+    """``maxpool2x2(G(x))`` of (..., H, W) planes (differentiable)."""
+    return _down_op(x)
+
+
+def up_add(coarse: torch.Tensor, fine: torch.Tensor | None, subtract: bool = False) -> torch.Tensor:
+    """``fine + Up(coarse)`` (``fine - Up(coarse)`` with ``subtract``; ``Up(coarse)`` when
+    ``fine`` is None), differentiable."""
+    return _up_add_op(coarse, fine, subtract)
+
+
+def up_adjoint(fine: torch.Tensor) -> torch.Tensor:
+    """Adjoint of ``Up``: blur then sum over 2x2 blocks (differentiable)."""
+    return _up_adjoint_op(fine)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def pyramid_decompose(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Triton :func:`pyramid_reference.decompose`: ``levels`` bands, finest first."""
+    check_pyramid_input(x, levels)
+    bands = []
+    gaussian = x
+    for _ in range(levels - 1):
+        coarser = down(gaussian)
+        bands.append(up_add(coarser, gaussian, subtract=True))
+        gaussian = coarser
+    bands.append(gaussian)
+    return bands
+
+
+def pyramid_compose(bands: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Triton :func:`pyramid_reference.compose`: r = band[L-1]; r = Up(r) + band[i]."""
+    if len(bands) == 0:
+        raise ValueError("pyramid_compose needs at least one band")
+    result = bands[-1]
+    for band in reversed(bands[:-1]):
+        result = up_add(result, band)
+    return result
