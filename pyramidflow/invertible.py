@@ -41,37 +41,61 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                 "memory='recompute' supports one backward pass only (no create_graph / "
                 "double backward); use memory='store' for higher-order gradients"
             )
-        saved = ctx.saved_tensors
-        levels = [t.detach() for t in saved[: ctx.n_levels]]
-        grads = [
+        n_levels, blocks = ctx.n_levels, ctx.blocks
+        levels = [t.detach() for t in ctx.saved_tensors[:n_levels]]
+        live_at_input = _live_levels(blocks, ctx.needs_input_grad[2 : 2 + n_levels])
+        grads: list[torch.Tensor | None] = [
             torch.zeros_like(level) if g is None else g
             for level, g in zip(levels, grad_latents, strict=True)
         ]
         param_grads: list[torch.Tensor | None] = []
-        for block in reversed(ctx.blocks):
+        for block, live in zip(reversed(blocks), reversed(live_at_input), strict=True):
             params = _trainable(block)
             with torch.enable_grad():
                 conditioned = list(levels)
                 cond_inputs = []
                 for index in block.conditions:
-                    conditioned[index] = levels[index].detach().requires_grad_(True)
-                    cond_inputs.append(conditioned[index])
+                    if live[index]:
+                        conditioned[index] = levels[index].detach().requires_grad_(True)
+                        cond_inputs.append((index, conditioned[index]))
                 h = block.parameters_for(conditioned)
                 with torch.no_grad():
                     x = block.untransform(levels[block.target], h)
-                x_leaf = x.detach().requires_grad_(True)
+                x_leaf = x.detach().requires_grad_(live[block.target])
                 z = block.transform(x_leaf, h, update_stats=False)
-                results = torch.autograd.grad(
-                    z, [x_leaf, *cond_inputs, *params], grad_outputs=grads[block.target],
-                    allow_unused=True,
-                )  # fmt: skip
+                wrt = [x_leaf] if live[block.target] else []
+                wrt += [leaf for _, leaf in cond_inputs] + params
+                results = (
+                    list(torch.autograd.grad(z, wrt, grads[block.target], allow_unused=True))
+                    if wrt
+                    else []
+                )
             levels[block.target] = x
-            grads[block.target] = results[0]
-            for index, g in zip(block.conditions, results[1 : 1 + len(cond_inputs)], strict=True):
+            grads[block.target] = results.pop(0) if live[block.target] else None
+            for index, _ in cond_inputs:
+                g = results.pop(0)
                 if g is not None:
-                    grads[index] = grads[index] + g
-            param_grads[:0] = results[1 + len(cond_inputs) :]
-        return (None, None, *grads, *param_grads)
+                    grads[index] = g if grads[index] is None else grads[index] + g
+            param_grads[:0] = results
+            del h, z, results
+        input_grads = [
+            g if needed else None
+            for g, needed in zip(grads, ctx.needs_input_grad[2 : 2 + n_levels], strict=True)
+        ]
+        return (None, None, *input_grads, *param_grads)
+
+
+def _live_levels(
+    blocks: Sequence[CouplingBlock], inputs_need_grad: Sequence[bool]
+) -> list[list[bool]]:
+    """Per block, which levels at its input carry a gradient back to something that needs
+    one: an input level that requires grad, or a level some earlier block transformed."""
+    live = list(inputs_need_grad)
+    per_block = []
+    for block in blocks:
+        per_block.append(list(live))
+        live[block.target] = True
+    return per_block
 
 
 class InvertibleSequence(nn.Module):

@@ -1,0 +1,285 @@
+"""The memory-saving invertible sequence (``memory='recompute'``) against plain autograd.
+
+Recompute must give the gradients of plain autograd (``'store'``) for the inputs and every
+parameter, keep only the latents (and parameters) for backward whatever the depth,
+evaluate each parameter network once per block in backward, update the VN running means
+once per step, and refuse double backward with a clear error. The exact savings (stride-2
+Down convolution, channel reduction before compose, rfft2) must match the straightforward
+formulas within rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pyramidflow_kernels as ops
+import pytest
+import torch
+from pyramidflow_kernels.pyramid_reference import compose
+
+from pyramidflow import Config, PyramidFlow
+
+FLOAT32_TOL = 1e-4
+FLOAT64_TOL = 1e-9
+
+
+def make_model(
+    levels: int,
+    stacks: int,
+    volume_norm: str = "CVN",
+    size: int = 32,
+    channels: int = 4,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    **model_kwargs,
+) -> PyramidFlow:
+    """A small model whose zero-initialised last convolutions are made non-zero, so that
+    every block really scales and shifts."""
+    torch.manual_seed(seed)
+    in_channels = min(3, channels)
+    config = Config(
+        levels=levels, stacks=stacks, channels=channels, kernel_size=3,
+        volume_norm=volume_norm, image_size=(size, size), in_channels=in_channels,
+        mean=(0.5,) * in_channels, std=(0.25,) * in_channels, backend="torch",
+    )  # fmt: skip
+    model = PyramidFlow(config, **model_kwargs)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.param_net[2].weight, std=0.1)
+    return model.to(dtype).train()
+
+
+def make_levels(model: PyramidFlow, batch: int, seed: int = 1) -> list[torch.Tensor]:
+    """Random pyramid levels (B, C, H/2^l, W/2^l) that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    height, width = cfg.image_size
+    return [
+        torch.randn(batch, cfg.channels, height >> i, width >> i, generator=gen, dtype=dtype)
+        .requires_grad_(True)
+        for i in range(cfg.levels)
+    ]  # fmt: skip
+
+
+def objective(latents: list[torch.Tensor], seed: int = 2) -> torch.Tensor:
+    """A fixed random nonlinear scalar of the latents (every latent element matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = latents[0].new_zeros(())
+    for z in latents:
+        weights = torch.randn(z.shape, generator=gen, dtype=z.dtype)
+        total = total + (weights * z).sum() + 0.1 * (z * z).mean()
+    return total
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def step_gradients(model: PyramidFlow, levels: list[torch.Tensor], memory: str):
+    """Latents and gradients (inputs, then every parameter) of one objective step."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in levels]
+    latents = model.flow(inputs, memory=memory)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(objective(latents), inputs + params)
+    return [z.detach() for z in latents], grads
+
+
+@pytest.mark.parametrize("batch", [2, 3], ids=["B2", "B3"])
+@pytest.mark.parametrize("volume_norm", ["CVN", "SVN"])
+@pytest.mark.parametrize("stacks", [1, 4], ids=["S1", "S4"])
+@pytest.mark.parametrize("levels", [2, 4, 8], ids=["L2", "L4", "L8"])
+def test_recompute_gradients_match_store(levels, stacks, volume_norm, batch):
+    size = 128 if levels == 8 else 32
+    for dtype, tol in ((torch.float64, FLOAT64_TOL), (torch.float32, FLOAT32_TOL)):
+        model = make_model(levels, stacks, volume_norm, size=size, dtype=dtype)
+        levels_in = make_levels(model, batch)
+        z_store, g_store = step_gradients(copy.deepcopy(model), levels_in, "store")
+        z_recompute, g_recompute = step_gradients(copy.deepcopy(model), levels_in, "recompute")
+        for ours, theirs in zip(z_recompute, z_store, strict=True):
+            assert rel_err(ours, theirs) < tol
+        assert (
+            len(g_recompute)
+            == len(g_store)
+            == levels + sum(p.requires_grad for p in model.parameters())
+        )
+        errors = [rel_err(a, b) for a, b in zip(g_recompute, g_store, strict=True)]
+        assert max(errors) < tol, f"{dtype}: worst gradient relative error {max(errors):.2e}"
+
+
+def test_recompute_gradients_match_store_in_eval_mode():
+    model = make_model(4, 2).eval()
+    for block in model.blocks:
+        block.running_mean.normal_(0.0, 0.1)
+    levels_in = make_levels(model, 2)
+    _, g_store = step_gradients(model, levels_in, "store")
+    _, g_recompute = step_gradients(model, levels_in, "recompute")
+    assert max(rel_err(a, b) for a, b in zip(g_recompute, g_store, strict=True)) < FLOAT64_TOL
+
+
+def test_gradcheck_through_recompute():
+    model = make_model(3, 1, "CVN", size=8, channels=2, dtype=torch.float64)
+    levels_in = make_levels(model, 2)
+    first, last = model.blocks[0], model.blocks[-1]
+    chosen = [first.param_net[2].weight, last.mixing.w_u]
+    assert model.config.memory == "recompute"
+
+    def flow(*args):
+        # the chosen parameters are gradcheck inputs: perturbing them perturbs the model
+        return tuple(model.flow(list(args[: len(levels_in)]), memory="recompute"))
+
+    assert torch.autograd.gradcheck(flow, (*levels_in, *chosen), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def saved_bytes(model: PyramidFlow, levels_in, memory: str) -> tuple[int, int]:
+    """(bytes saved for backward by the flow, bytes of them that are parameters), with
+    tensors sharing a storage counted once."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        latents = model.flow(levels_in, memory=memory)
+    sum(z.sum() for z in latents).backward()
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_bytes = sum(n for ptr, n in storages.items() if ptr in param_ptrs)
+    return sum(storages.values()), param_bytes
+
+
+def test_saved_memory_is_latents_plus_parameters_whatever_the_depth():
+    activation_bytes = {}
+    for stacks in (1, 2, 4, 8):
+        model = make_model(4, stacks, dtype=torch.float32)
+        levels_in = make_levels(model, 2)
+        total, params = saved_bytes(model, levels_in, "recompute")
+        latent_bytes = sum(t.numel() * t.element_size() for t in levels_in)
+        all_param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert abs(total - (latent_bytes + all_param_bytes)) <= 0.1 * (
+            latent_bytes + all_param_bytes
+        )
+        activation_bytes[stacks] = total - params
+        store_total, store_params = saved_bytes(model, levels_in, "store")
+        assert store_total - store_params > 4 * stacks * latent_bytes  # the hooks do count
+    assert len(set(activation_bytes.values())) == 1, activation_bytes
+
+
+@pytest.mark.parametrize("volume_norm", ["CVN", "SVN"])
+def test_running_means_after_one_step_equal_store(volume_norm):
+    model = make_model(4, 2, volume_norm)
+    levels_in = make_levels(model, 2)
+    store, recompute = copy.deepcopy(model), copy.deepcopy(model)
+    for twin, memory in ((store, "store"), (recompute, "recompute")):
+        objective(twin.flow(levels_in, memory=memory)).backward()
+    for ours, theirs in zip(recompute.blocks, store.blocks, strict=True):
+        assert theirs.running_mean.abs().max() > 0
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-12, atol=0)
+
+
+def test_double_backward_raises_and_autograd_grad_works():
+    model = make_model(4, 2)
+    levels_in = make_levels(model, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = objective(model.flow(levels_in, memory="recompute"))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, params, create_graph=True)
+
+    loss = objective(model.flow(levels_in, memory="recompute"))
+    grads = torch.autograd.grad(loss, params)
+    assert all(p.grad is None for p in params)  # autograd.grad leaves .grad alone
+    loss = objective(model.flow(levels_in, memory="store"))
+    expected = torch.autograd.grad(loss, params)
+    assert max(rel_err(a, b) for a, b in zip(grads, expected, strict=True)) < FLOAT64_TOL
+
+    # store mode keeps higher-order gradients available
+    loss = objective(model.flow(levels_in, memory="store"))
+    (first,) = torch.autograd.grad(loss, [params[0]], create_graph=True)
+    assert first.requires_grad
+
+
+@pytest.mark.parametrize("memory, calls_per_block", [("recompute", 2), ("store", 1)])
+def test_parameter_network_runs_once_per_block_in_backward(memory, calls_per_block):
+    model = make_model(4, 2, dtype=torch.float32)
+    model.config.memory = memory
+    calls = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+
+    def count(module, args, output):
+        calls[phase[0]] += 1
+
+    for block in model.blocks:
+        block.param_net.register_forward_hook(count)
+    images = torch.randn(2, 3, 32, 32)
+    loss = model.loss(model(images))
+    phase[0] = "backward"
+    loss.backward()
+    n_blocks = len(model.blocks)
+    assert calls["forward"] + calls["backward"] == calls_per_block * n_blocks
+    assert calls["backward"] == (n_blocks if memory == "recompute" else 0)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_strided_down_block_equals_straightforward():
+    strided = make_model(4, 2, "CVN")
+    plain = make_model(4, 2, "CVN", strided_down=False)
+    plain.load_state_dict(strided.state_dict())
+    assert any(block.param_stride == 2 for block in strided.blocks)
+    assert all(block.param_stride == 1 for block in plain.blocks)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+
+    latents = {}
+    for name, model in (("strided", strided), ("plain", plain)):
+        out = model(images)
+        model.loss(out).backward()
+        latents[name] = [z.detach() for z in out]
+    for a, b in zip(latents["strided"], latents["plain"], strict=True):
+        assert rel_err(a, b) < FLOAT64_TOL
+    for (name, a), b in zip(strided.named_parameters(), plain.parameters(), strict=True):
+        if not a.requires_grad:
+            continue
+        assert rel_err(a.grad, b.grad) < FLOAT64_TOL, name
+
+    # the strided model updates the running mean at the pixels it uses (even ones)
+    for a, b in zip(strided.blocks, plain.blocks, strict=True):
+        step = a.param_stride
+        used = (..., slice(None, None, step), slice(None, None, step))
+        torch.testing.assert_close(a.running_mean[used], b.running_mean[used])
+
+    strided.eval()
+    plain.eval()
+    with torch.no_grad():
+        for a, b in zip(strided(images), plain(images), strict=True):
+            assert rel_err(a, b) < FLOAT64_TOL
+
+
+def straightforward_fourier_loss(latents: list[torch.Tensor]) -> torch.Tensor:
+    """Compose full-channel squared pair differences, then channel mean, then fft2."""
+    batch = latents[0].shape[0]
+    maps = []
+    for i in range(batch):
+        for j in range(i + 1, batch):
+            composed = compose([(z[i : i + 1] - z[j : j + 1]) ** 2 for z in latents])
+            maps.append(composed.mean(dim=1)[0])
+    return torch.fft.fft2(torch.stack(maps)).abs().mean()
+
+
+def test_channel_reduction_first_loss_and_map_match_straightforward():
+    model = make_model(4, 1, size=32, channels=4)
+    latents = [t.detach().requires_grad_(True) for t in make_levels(model, 3)]
+    loss = ops.fourier_loss(latents, backend="torch")
+    expected = straightforward_fourier_loss(latents)
+    assert abs(loss.item() - expected.item()) <= FLOAT64_TOL * expected.abs().item()
+    grads = torch.autograd.grad(loss, latents)
+    expected_grads = torch.autograd.grad(expected, latents)
+    for a, b in zip(grads, expected_grads, strict=True):
+        assert rel_err(a, b) < FLOAT64_TOL
+
+    template = [z.detach().mean(dim=0) for z in make_levels(model, 4, seed=5)]
+    amap, scores = ops.anomaly_map(latents, template, backend="torch")
+    expected_map = compose([(z - t).abs() for z, t in zip(latents, template, strict=True)])
+    expected_map = expected_map.mean(dim=1)
+    assert rel_err(amap, expected_map) < FLOAT64_TOL
+    assert rel_err(scores, expected_map.amax(dim=(-2, -1))) < FLOAT64_TOL
