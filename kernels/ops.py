@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 
@@ -26,12 +27,29 @@ TRITON_MODULES: dict[str, str] = {
 }
 
 
-def _pick(name: str, reference: Callable, backend: str | None, tensor: torch.Tensor) -> Callable:
-    if resolve_backend(backend, tensor) == "triton":
+_TRITON_MODULE_CACHE: dict[str, ModuleType] = {}
+
+
+def _triton_module(name: str) -> ModuleType:
+    """The module holding the Triton implementation of op ``name``, found and imported on
+    first use only (the lookup is cached per op name)."""
+    module = _TRITON_MODULE_CACHE.get(name)
+    if module is None:
         module_name = f"{__package__}.{TRITON_MODULES[name]}"
         if importlib.util.find_spec(module_name) is None:
             raise NotImplementedError(f"no Triton implementation of {name} ({module_name})")
-        return getattr(importlib.import_module(module_name), name)
+        module = importlib.import_module(module_name)
+        _TRITON_MODULE_CACHE[name] = module
+    return module
+
+
+def _pick(name: str, reference: Callable, backend: str | None, tensor: torch.Tensor) -> Callable:
+    # The backend is resolved on every call (it depends on the tensor's device and on
+    # $PYRAMIDFLOW_BACKEND, and validates the argument); only the module lookup is cached.
+    # The function itself is read from the module each call, so that replacing it there
+    # (a wrapper, a test spy) takes effect.
+    if resolve_backend(backend, tensor) == "triton" and name in TRITON_MODULES:
+        return getattr(_triton_module(name), name)
     return reference
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pyramidflow_kernels as ops
@@ -24,7 +25,7 @@ class PyramidFlow(nn.Module):
 
     def __init__(self, config: Config, *, strided_down: bool = True) -> None:
         super().__init__()
-        self.config = config
+        self.config = dataclasses.replace(config)  # own copy: set_backend must not leak
         self.inconv = InputProjection(config.in_channels, config.channels)
         sizes = level_sizes(config.image_size, config.levels)
         blocks = []

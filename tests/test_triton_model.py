@@ -1,0 +1,135 @@
+"""A whole training step with every op on Triton equals the torch reference.
+
+``model.set_backend("triton")`` routes the pyramid, the coupling (forward and inverse)
+and the Fourier loss through the Triton kernels (in Triton's CPU interpreter unless
+TRITON_INTERPRET=0 is set on a CUDA machine). The oracle is the same model on the torch
+path in float64; the Triton model runs in float32 and must agree to a relative RMS error
+of 1e-5 for the latents, the loss, every parameter gradient and the VN running means, in
+both memory modes; so must the eval-mode latents and anomaly map afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported anywhere
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
+
+from pyramidflow_kernels import ops  # noqa: E402
+from pyramidflow_kernels._backend import interpreting  # noqa: E402
+
+from pyramidflow import Config, PyramidFlow  # noqa: E402
+
+TOL = 1e-5
+DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+SIZE = 32
+
+
+def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """RMS of the error over the RMS of the expected value."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
+    return ((actual - expected).pow(2).mean().sqrt() / scale).item()
+
+
+def make_model(volume_norm: str, memory: str) -> PyramidFlow:
+    """L = 3, S = 1, C = 6, k = 3 with random parameter networks (the last convolution is
+    zero at initialisation, which would hide the scale and shift) and running means."""
+    torch.manual_seed(0)
+    config = Config(
+        levels=3, stacks=1, channels=6, kernel_size=3, volume_norm=volume_norm,
+        image_size=SIZE, memory=memory, backend="torch",
+    )  # fmt: skip
+    model = PyramidFlow(config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.blocks:
+            for layer in (block.param_net[0], block.param_net[2]):
+                layer.weight.copy_(0.1 * torch.randn(layer.weight.shape, generator=gen))
+            block.running_mean.copy_(0.1 * torch.randn(block.running_mean.shape, generator=gen))
+    return model.train()
+
+
+def count_triton_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Wrap every Triton op implementation so that the test can see it really ran."""
+    calls = {name: 0 for name in ops.TRITON_MODULES}
+    for name in ops.TRITON_MODULES:
+        module = ops._triton_module(name)
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def training_step(model: PyramidFlow, images: torch.Tensor):
+    latents = model(images)
+    loss = model.loss(latents)
+    loss.backward()
+    return [z.detach() for z in latents], loss.detach()
+
+
+@pytest.mark.parametrize("memory", ["recompute", "store"])
+@pytest.mark.parametrize("volume_norm", ["CVN", "SVN"])
+def test_training_step_on_triton_equals_torch(volume_norm, memory, monkeypatch):
+    reference = make_model(volume_norm, memory).double()
+    model = copy.deepcopy(reference).float().to(DEVICE)
+    model.set_backend("triton")
+    assert model.config.backend == "triton" and reference.config.backend == "torch"
+    assert all(block.backend == "triton" for block in model.blocks)
+    calls = count_triton_calls(monkeypatch)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+
+    lat_ref, loss_ref = training_step(reference, images.double())
+    lat, loss = training_step(model, images.to(DEVICE))
+    assert calls["pyramid_decompose"] == 1
+    assert calls["affine_coupling"] == (2 if memory == "recompute" else 1) * len(model.blocks)
+    assert calls["affine_coupling_inverse"] == (len(model.blocks) if memory == "recompute" else 0)
+    assert calls["fourier_loss"] == 1
+
+    assert len(lat) == 3
+    for mine, ref in zip(lat, lat_ref, strict=True):
+        assert mine.dtype == torch.float32
+        assert rel_rms(mine, ref) <= TOL
+    assert loss > 0
+    assert rel_rms(loss, loss_ref) <= TOL
+    named_ref = dict(reference.named_parameters())
+    checked = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None, name
+            continue
+        expected = named_ref[name].grad
+        assert expected.abs().sum() > 0, name
+        assert rel_rms(param.grad, expected) <= TOL, name
+        checked += 1
+    assert checked == 5 * len(model.blocks)  # 2 convolutions + w_l, w_s, w_u per block
+    buffers_ref = dict(reference.named_buffers())
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_mean"):
+            assert rel_rms(buffer, buffers_ref[name]) <= TOL, name
+
+    # eval mode afterwards: latents (running means) and the anomaly map against a template
+    reference.eval()
+    model.eval()
+    with torch.no_grad():
+        lat_ref = reference(images.double())
+        lat = model(images.to(DEVICE))
+        template_ref = [z.mean(dim=0) + 0.1 for z in lat_ref]
+        template = [t.float().to(DEVICE) for t in template_ref]
+        map_ref, score_ref = reference.anomaly_map(lat_ref, template_ref)
+        amap, score = model.anomaly_map(lat, template)
+    for mine, ref in zip(lat, lat_ref, strict=True):
+        assert rel_rms(mine, ref) <= TOL
+    assert calls["anomaly_map"] == 1
+    assert rel_rms(amap, map_ref) <= TOL
+    assert rel_rms(score, score_ref) <= TOL
