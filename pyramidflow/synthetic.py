@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Bump whenever the rendered pixels change, so stale cached datasets are not reused silently.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: Marker file written (last) inside a finished category folder; holds the generation parameters.
 MARKER_NAME = ".complete"
 
@@ -129,7 +129,7 @@ def _texture_scene(size: int) -> _Scene:
 def _render_weave(rng: np.random.Generator, size: int) -> tuple[Array, _Scene]:
     """Plain weave: alternating warp/weft thread segments with per-thread gains."""
     yy, xx = _grid(size)
-    period = max(size / 16, 4.0) * rng.uniform(0.98, 1.02)
+    period = max(size / 10, 6.0) * rng.uniform(0.98, 1.02)
     py, px = rng.uniform(0.0, 2 * period, 2)
     u, v = (xx + px) / period, (yy + py) / period
     i, j = np.floor(u), np.floor(v)
