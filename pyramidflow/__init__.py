@@ -1,5 +1,6 @@
 """pyramidflow: defect localization with PyramidFlow, trained on good images only."""
 
+from .api import Detector, Evaluation, Prediction
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config
 from .model import PyramidFlow
@@ -11,6 +12,9 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "Config",
+    "Detector",
+    "Evaluation",
+    "Prediction",
     "PyramidFlow",
     "__version__",
     "load_checkpoint",
