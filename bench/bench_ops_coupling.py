@@ -23,6 +23,7 @@ from __future__ import annotations
 import pyramidflow_kernels as ops
 import pytest
 import torch
+from byte_model import Shape, op_bytes
 
 FULL = (2, 1024, 1024)  # B, H, W
 SMALL = (2, 64, 64)
@@ -33,16 +34,11 @@ FLOAT32_BYTES = 4
 def bytes_moved(
     shape: tuple[int, int, int], C: int, training: bool, direction: str = "forward"
 ) -> int:
-    """Bytes read + written by the Triton kernels for one call (float32, k = 1); the
-    C x C weight and the VN means are left out (tiny)."""
+    """Bytes read + written by the Triton kernels for one call (float32, k = 1): the
+    formula lives in ``byte_model.op_bytes``."""
     batch, height, width = shape
-    per_channel_plane = {
-        ("forward", False): 4,
-        ("forward", True): 5,
-        ("backward", False): 7,
-        ("backward", True): 10,
-    }[(direction, training)]
-    return per_channel_plane * C * batch * height * width * FLOAT32_BYTES
+    target = Shape(batch=batch, channels=C, height=height, width=width)
+    return op_bytes("affine_coupling", target, direction, training=training)
 
 
 def _inputs(shape, device, volume_norm="CVN"):

@@ -36,17 +36,12 @@ from __future__ import annotations
 import pyramidflow_kernels as ops
 import pytest
 import torch
+from byte_model import Shape, op_bytes
 
 FULL = (2, 16, 1024, 1024, 4)  # B, C, H, W, L
 SMALL = (2, 16, 64, 64, 4)
 FLOAT32_BYTES = 4
 OPS = ("decompose", "compose", "fourier_loss", "anomaly_map")
-
-
-def _level_sums(levels: int) -> tuple[float, float]:
-    composed = sum(4.0**-i for i in range(levels - 1))
-    everything = sum(4.0**-i for i in range(levels))
-    return composed, everything
 
 
 def bytes_moved(
@@ -55,25 +50,9 @@ def bytes_moved(
     direction: str = "forward",
     element_bytes: int = FLOAT32_BYTES,
 ) -> int:
-    """Bytes read + written by the Triton path of ``op`` for (B, C, H, W, L) (module doc)."""
-    batch, channels, height, width, levels = shape
-    s, t = _level_sums(levels)
-    elements = batch * channels * height * width
-    plane = height * width
-    pairs = batch * (batch - 1) // 2
-    table = {
-        ("decompose", "forward"): 3.5 * elements * s,
-        ("decompose", "backward"): 3.5 * elements * s,
-        ("compose", "forward"): 2.25 * elements * s,
-        ("compose", "backward"): 1.25 * elements * s,
-        ("fourier_loss", "forward"): elements * t + pairs * plane * (t + 2.25 * s + 3.0),
-        ("fourier_loss", "backward"): 2.0 * elements * t + pairs * plane * (t + 1.25 * s + 8.0),
-        ("anomaly_map", "forward"): elements * t * (1.0 + 1.0 / batch)
-        + batch * plane * (t + 2.25 * s),
-    }
-    if (op, direction) not in table:
-        raise ValueError(f"no byte count for {op} {direction}")
-    return int(table[(op, direction)] * element_bytes)
+    """Bytes read + written by the Triton path of ``op`` for (B, C, H, W, L): the formulas
+    live in ``byte_model.op_bytes``."""
+    return op_bytes(op, Shape(*shape, element_bytes=element_bytes), direction)
 
 
 def _inputs(op: str, shape, device: str, requires_grad: bool):

@@ -64,10 +64,10 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def tile_2d(rows: int, width: int) -> tuple[int, int]:
-    """Power-of-two (BLOCK_H, BLOCK_W) for ``rows`` x ``width`` outputs: 16 x 64 on a GPU;
-    up to 128 x 128 under the interpreter, whose cost grows with the number of programs."""
-    max_h, max_w = (128, 128) if interpreting() else (16, 64)
+def tile_2d(rows: int, width: int, max_rows: int = 16) -> tuple[int, int]:
+    """Power-of-two (BLOCK_H, BLOCK_W) for ``rows`` x ``width`` outputs: ``max_rows`` x 64 on
+    a GPU; up to 128 x 128 under the interpreter, whose cost grows with the number of programs."""
+    max_h, max_w = (128, 128) if interpreting() else (max_rows, 64)
     block_h = min(max_h, triton.next_power_of_2(max(rows, 1)))
     block_w = min(max_w, triton.next_power_of_2(max(width, 1)))
     return block_h, block_w

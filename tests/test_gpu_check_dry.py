@@ -1,0 +1,62 @@
+"""The prepared GPU check (``bench/gpu_check.py``) runs end to end on the CPU.
+
+``--device cpu --tiny`` takes every code path of the CUDA run (copy bandwidth, op
+benchmarks with byte counts and agreement, training steps for both backends and both
+memory modes, the op checks against the float64 reference) with tiny shapes under
+Triton's interpreter, in a subprocess; the JSON must have every section and key.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+
+OP_ROWS = {
+    ("pyramid_decompose", "forward"), ("pyramid_decompose", "backward"),
+    ("pyramid_compose", "forward"), ("pyramid_compose", "backward"),
+    ("fourier_loss", "forward"), ("fourier_loss", "backward"),
+    ("anomaly_map", "forward"),
+    ("affine_coupling train", "forward"), ("affine_coupling train", "backward"),
+    ("affine_coupling eval", "forward"), ("affine_coupling eval", "backward"),
+}  # fmt: skip
+
+
+def test_tiny_cpu_run_writes_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    report = json.loads(out.read_text())
+    for key in ("device", "copy", "ops", "training", "correctness", "errors", "skipped",
+                "elapsed_s", "budget_s"):  # fmt: skip
+        assert key in report, key
+    assert report["errors"] == [] and report["skipped"] == []
+    assert report["device"]["device"] == "cpu" and report["device"]["name"]
+    assert report["device"]["triton_interpret"] == "1"
+    assert report["copy"]["bytes_per_s"] > 0
+
+    rows = {(r["op"], r["direction"], r["backend"]): r for r in report["ops"]}
+    assert {(op, d) for op, d, _ in rows} == OP_ROWS
+    for (op, direction, backend), row in rows.items():
+        assert "error" not in row, row
+        for key in ("median_s", "bytes", "gbytes_per_s", "pct_of_copy", "floor_s"):
+            assert row[key] > 0, (op, direction, backend, key)
+        if backend == "triton":
+            assert row["rel_rms_vs_torch"] < 1e-4, (op, direction, row["rel_rms_vs_torch"])
+
+    combos = {(r["backend"], r["memory"]) for r in report["training"]}
+    assert combos == {(b, m) for b in ("torch", "triton") for m in ("recompute", "store")}
+    for row in report["training"]:
+        assert row["status"] == "ok", row
+        assert row["median_step_s"] > 0 and row["finite"]
+
+    assert len(report["correctness"]) >= 20
+    failed = [c for c in report["correctness"] if not c["ok"]]
+    assert not failed, failed
+    assert "op checks on the device" in done.stdout.strip().splitlines()[-2]
