@@ -19,6 +19,8 @@ MVTEC_SVN = frozenset({"carpet", "grid", "bottle", "transistor"})
 MVTEC_LEVELS = {"metal_nut": 8, "carpet": 8, "transistor": 8, "screw": 2}
 
 MEMORY_MODES = ("recompute", "store")
+GEOMETRIES = ("resize", "native")
+NORMALIZATIONS = ("auto", "imagenet", "dataset", "fixed")
 
 
 @dataclass
@@ -42,6 +44,16 @@ class Config:
     # preprocessing: x = (pixel / max_value - mean) / std, per channel
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    # "auto": ImageNet statistics for 8-bit RGB data, the training set's otherwise;
+    # "fixed": keep mean/std as given. Resolved to "imagenet" or "dataset" by fitting.
+    normalization: str = "auto"
+    # "resize": images are resized to image_size; "native": trained and scored at their
+    # own size, padded up to a multiple of 2^(levels-1) (image_size is the padded size).
+    geometry: str = "resize"
+    # thresholds without defective data: hold out this fraction of the good training
+    # images and flag a pixel / image above this quantile of their scores
+    holdout_fraction: float = 0.1
+    threshold_quantile: float = 0.99
     # training
     batch_size: int = 2
     epochs: int = 15
@@ -77,6 +89,16 @@ class Config:
             raise ValueError(f"volume_norm must be 'CVN' or 'SVN', got {self.volume_norm!r}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
+            )
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
         if len(self.image_size) != 2:
