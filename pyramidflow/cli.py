@@ -20,7 +20,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError
 from .config import MEMORY_MODES, MVTEC_CATEGORIES, Config
-from .errors import PyramidFlowError
+from .errors import DataError, PyramidFlowError
 from .reference_import import ReferenceImportError
 
 PROG = "pyramidflow"
@@ -90,9 +90,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values: dict[str, Any] = {}
     if args.config is not None:
         try:
-            values.update(json.loads(Path(args.config).read_text()))
+            loaded = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"--config {args.config}: cannot read JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--config {args.config}: expected a JSON object of config fields")
+        values.update(loaded)
     for name in _FIELD_FLAGS:
         value = getattr(args, name)
         if value is not None:
@@ -110,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _check_new_file(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give the path of a file to write")
     if path.exists() and not overwrite:
         raise UsageError(f"{path} exists; pass --overwrite to replace it")
 
@@ -154,9 +159,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import Detector
+    from .data import training_images
 
     config = config_from_args(args)
+    if config.batch_size < 2:
+        raise UsageError(
+            f"--batch-size must be >= 2 (the loss compares image pairs), got {config.batch_size}"
+        )
     _check_new_file(args.out, args.overwrite)
+    count = len(training_images(args.data))
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after training
+    if count < config.batch_size:
+        raise DataError(
+            f"{args.data}: {count} training image(s), fewer than one batch of {config.batch_size}"
+        )
     detector = Detector(config, device=args.device).fit(args.data, progress=not args.no_progress)
     path = detector.save(args.out)
     losses = detector.info["epoch_losses"]
@@ -169,7 +185,10 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
     names, seen = [], set()
     for index, path in enumerate(paths):
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem) or "image"
-        name = stem if stem not in seen else f"{stem}_{index}"
+        name, suffix = stem, index
+        while name in seen:  # "a_2" given, then a second "a" at index 2: try further
+            name = f"{stem}_{suffix}"
+            suffix += 1
         seen.add(name)
         names.append(name)
     return names
@@ -222,16 +241,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Detector
 
+    if args.json is not None:
+        _check_new_file(args.json, args.overwrite)
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after evaluating
     detector = Detector.load(args.model, device=args.device)
     rows = {}
     for folder in args.data:
         evaluation = detector.evaluate(folder, progress=not args.no_progress)
-        rows[Path(folder).name] = evaluation.metrics
+        name = Path(folder).resolve().name or str(folder)  # "." -> the folder's own name
+        if name in rows:
+            name = str(folder)
+        rows[name] = evaluation.metrics
     names = ("pixel_auroc", "image_auroc", "aupro", "aupro_full_range")
     mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in names}
     _print_table(rows, mean if len(rows) > 1 else None)
     if args.json is not None:
-        _check_new_file(args.json, args.overwrite)
         args.json.write_text(json.dumps({"categories": rows, "mean": mean}, indent=2) + "\n")
     return 0
 
@@ -345,9 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         PyramidFlowError,
         CheckpointError,
         ReferenceImportError,
-        FileNotFoundError,
-        FileExistsError,
-        PermissionError,
+        OSError,
     ) as exc:
         if os.environ.get("PYRAMIDFLOW_DEBUG"):
             raise

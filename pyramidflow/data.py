@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import Config
 from .errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _TIFF_SUFFIXES = (".tif", ".tiff")
+_CONVERT_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")  # 4-channel CMYK is not RGB + alpha
 
 
 def _scale_to_unit(array: np.ndarray, path: Path) -> np.ndarray:
@@ -54,9 +55,18 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
                     img = img.convert("RGBA" if "transparency" in img.info else "RGB")
                 elif img.mode == "I;16B":
                     img = img.convert("I;16")
+                elif img.mode in _CONVERT_TO_RGB:
+                    img = img.convert("RGB")
                 array = np.asarray(img)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({str(exc).splitlines()[0]})") from None
+                if img.mode == "I" and img.format == "PNG":
+                    array = array.astype(np.uint16)  # older Pillow: 16-bit gray PNG as "I"
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Decoders raise more than OSError on damaged files (zlib.error, KeyError for a
+        # missing codec, DecompressionBombError, ...): all of them mean "cannot read".
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: cannot read image ({message})") from None
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # planar TIFF
     if array.ndim not in (2, 3) or min(array.shape[:2]) < 1:
@@ -95,6 +105,8 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     """A ground-truth mask file as bool (H, W): any nonzero pixel is defective."""
     array = read_array(path)
     if array.ndim == 3:
+        if array.shape[2] in (2, 4):  # gray + alpha, RGB + alpha: opaque alpha is no defect
+            array = array[:, :, :-1]
         array = array.max(axis=2)
     return array > 0
 

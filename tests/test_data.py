@@ -1,0 +1,416 @@
+"""Images in: reading every supported file type without loss, channel handling, masks,
+resizing, normalization, input expansion and the MVTec-AD folder layout."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from pyramidflow import data
+from pyramidflow.config import IMAGENET_MEAN, IMAGENET_STD, Config
+from pyramidflow.errors import DataError
+from pyramidflow.synthetic import DEFECT_TYPES, generate_category
+
+RNG = np.random.default_rng(1234)
+RGB8 = RNG.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+GRAY8 = RNG.integers(0, 256, (12, 20), dtype=np.uint8)
+
+
+def _smooth_rgb(h: int = 32, w: int = 48) -> np.ndarray:
+    """A gradient picture that JPEG keeps almost exactly (noise would not survive it)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.full_like(xx, 128)], -1).astype(
+        np.uint8
+    )
+
+
+# -- reading pixels --------------------------------------------------------------------------
+
+
+def test_png_rgb_8bit_is_exact(tmp_path: Path) -> None:
+    path = tmp_path / "rgb.png"
+    Image.fromarray(RGB8).save(path)
+    raw = data.read_array(path)
+    assert raw.dtype == np.uint8 and raw.shape == (12, 20, 3)
+    np.testing.assert_array_equal(raw, RGB8)
+    image = data.read_image(path)
+    assert image.dtype == np.float32 and image.shape == (12, 20, 3)
+    np.testing.assert_allclose(image, RGB8 / 255.0, atol=1e-7)
+
+
+def test_png_gray_8bit_is_repeated_for_an_rgb_model(tmp_path: Path) -> None:
+    path = tmp_path / "gray.png"
+    Image.fromarray(GRAY8).save(path)
+    assert data.read_array(path).shape == (12, 20)
+    image = data.read_image(path, channels=3)
+    assert image.shape == (12, 20, 3)
+    for c in range(3):
+        np.testing.assert_allclose(image[:, :, c], GRAY8 / 255.0, atol=1e-7)
+    assert data.read_image(path, channels=1).shape == (12, 20, 1)
+
+
+def test_png_gray_16bit_keeps_16bit_precision(tmp_path: Path) -> None:
+    pixels = np.full((6, 9), 1000, dtype=np.uint16)
+    pixels[0, :] = 1001  # one 16-bit step: an 8-bit quantisation would merge the two rows
+    pixels[1, 0] = 65535
+    path = tmp_path / "gray16.png"
+    Image.fromarray(pixels).save(path)
+    raw = data.read_array(path)
+    assert raw.dtype == np.uint16
+    np.testing.assert_array_equal(raw, pixels)
+    image = data.read_image(path, channels=1)[:, :, 0]
+    assert image[2, 2] == pytest.approx(1000 / 65535, rel=1e-6)
+    assert image[0, 0] == pytest.approx(1001 / 65535, rel=1e-6)
+    assert image[1, 0] == pytest.approx(1.0)
+    assert image[0, 0] > image[2, 2]
+
+
+def test_jpeg_reads_close_to_the_original(tmp_path: Path) -> None:
+    pixels = _smooth_rgb()
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    image = data.read_image(path)
+    assert image.shape == (32, 48, 3) and image.dtype == np.float32
+    assert np.abs(image - pixels / 255.0).mean() < 3 / 255
+
+
+def test_jpeg_cmyk_is_converted_to_rgb_not_treated_as_alpha(tmp_path: Path) -> None:
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(path)  # magenta + yellow ink = red
+    image = data.read_image(path)
+    assert image.shape == (8, 8, 3)
+    assert image[..., 0].mean() > 0.9 and image[..., 1:].mean() < 0.1
+
+
+def test_bmp_is_exact(tmp_path: Path) -> None:
+    path = tmp_path / "picture.bmp"
+    Image.fromarray(RGB8).save(path)
+    np.testing.assert_array_equal(data.read_array(path), RGB8)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".tiff", ".TIF"])
+def test_tiff_uint16_is_exact(tmp_path: Path, suffix: str) -> None:
+    pixels = RNG.integers(0, 65536, (10, 14), dtype=np.uint16)
+    path = tmp_path / f"scan{suffix}"
+    tifffile.imwrite(path, pixels)
+    raw = data.read_array(path)
+    assert raw.dtype == np.uint16
+    np.testing.assert_array_equal(raw, pixels)
+    np.testing.assert_allclose(data.read_image(path, 1)[:, :, 0], pixels / 65535.0, rtol=1e-6)
+
+
+def test_tiff_float32_values_are_kept_as_they_are(tmp_path: Path) -> None:
+    pixels = np.linspace(-0.25, 1.5, 10 * 14, dtype=np.float32).reshape(10, 14)
+    path = tmp_path / "depth.tif"
+    tifffile.imwrite(path, pixels)
+    image = data.read_image(path, channels=1)
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image[:, :, 0], pixels)
+
+
+def test_planar_tiff_becomes_channels_last(tmp_path: Path) -> None:
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, np.moveaxis(RGB8, -1, 0), photometric="rgb", planarconfig="separate")
+    raw = data.read_array(path)
+    assert raw.shape == (12, 20, 3)
+    np.testing.assert_array_equal(raw, RGB8)
+
+
+def test_rgba_alpha_is_dropped(tmp_path: Path) -> None:
+    rgba = np.dstack([RGB8, np.full(RGB8.shape[:2], 17, np.uint8)])
+    path = tmp_path / "rgba.png"
+    Image.fromarray(rgba).save(path)
+    image = data.read_image(path, channels=3)
+    assert image.shape == (12, 20, 3)
+    np.testing.assert_allclose(image, RGB8 / 255.0, atol=1e-7)
+
+
+def test_gray_with_alpha_fits_a_gray_model(tmp_path: Path) -> None:
+    path = tmp_path / "la.png"
+    Image.fromarray(np.dstack([GRAY8, np.full_like(GRAY8, 255)]), mode="LA").save(path)
+    image = data.read_image(path, channels=1)
+    np.testing.assert_allclose(image[:, :, 0], GRAY8 / 255.0, atol=1e-7)
+
+
+def test_palette_png_reads_as_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "palette.png"
+    Image.fromarray(_smooth_rgb(8, 8)).convert("P").save(path)
+    assert data.read_image(path).shape == (8, 8, 3)
+
+
+def test_channel_mismatch_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "colour.png"
+    Image.fromarray(RGB8).save(path)
+    with pytest.raises(DataError, match="colour.png") as info:
+        data.read_image(path, channels=1)
+    assert "3 channel" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_tiff_is_rejected_naming_the_file(tmp_path: Path, bad: float) -> None:
+    pixels = np.zeros((5, 5), np.float32)
+    pixels[2, 3] = bad
+    path = tmp_path / "broken_values.tif"
+    tifffile.imwrite(path, pixels)
+    with pytest.raises(DataError, match="broken_values.tif"):
+        data.read_image(path, channels=1)
+
+
+def _first_half(tmp_path: Path, suffix: str) -> bytes:
+    path = tmp_path / f"source{suffix}"
+    if suffix in (".tif", ".tiff"):
+        tifffile.imwrite(
+            path, RNG.integers(0, 65536, (64, 64), dtype=np.uint16), compression="zlib"
+        )
+    else:
+        Image.fromarray(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    content = path.read_bytes()
+    return content[: len(content) // 2]
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("garbage.png", lambda tmp: b"this is not an image"),
+        ("empty.png", lambda tmp: b""),
+        ("garbage.tif", lambda tmp: b"this is not a tiff"),
+        ("cut.png", lambda tmp: _first_half(tmp, ".png")),
+        ("cut.jpg", lambda tmp: _first_half(tmp, ".jpg")),
+        ("cut.bmp", lambda tmp: _first_half(tmp, ".bmp")),
+        ("cut.tif", lambda tmp: _first_half(tmp, ".tif")),
+    ],
+)
+def test_unreadable_file_is_a_data_error_naming_it(tmp_path: Path, name: str, make) -> None:
+    path = tmp_path / name
+    path.write_bytes(make(tmp_path))
+    with pytest.raises(DataError, match=name.replace(".", r"\.")) as info:
+        data.read_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_folder_are_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nothing.png"):
+        data.read_array(tmp_path / "nothing.png")
+    with pytest.raises(DataError, match=str(tmp_path.name)):
+        data.read_array(tmp_path)
+
+
+# -- masks -----------------------------------------------------------------------------------
+
+
+def test_mask_any_nonzero_pixel_is_defective(tmp_path: Path) -> None:
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 5] = 255
+    mask[6, 6] = 1
+    path = tmp_path / "000_mask.png"
+    Image.fromarray(mask).save(path)
+    read = data.read_mask(path)
+    assert read.dtype == np.bool_
+    np.testing.assert_array_equal(read, mask > 0)
+
+
+def test_rgba_mask_with_opaque_background_marks_only_the_defect(tmp_path: Path) -> None:
+    mask = np.zeros((8, 8, 4), np.uint8)
+    mask[..., 3] = 255  # opaque everywhere: alpha is not a defect
+    mask[2:4, 2:5, :3] = 255
+    path = tmp_path / "rgba_mask.png"
+    Image.fromarray(mask).save(path)
+    read = data.read_mask(path)
+    assert read.sum() == 6 and read[2:4, 2:5].all()
+
+
+def test_resize_mask_shrinking_keeps_defects_covering_half_a_cell() -> None:
+    mask = np.zeros((8, 8), bool)
+    mask[0:2, 0:2] = True  # a whole 2x2 cell -> cell (0, 0)
+    mask[4, 4:6] = True  # exactly half of cell (2, 2)
+    mask[7, 0] = True  # a quarter of cell (3, 0): under half, gone
+    small = data.resize_mask(mask, (4, 4))
+    assert small.dtype == np.bool_ and small.shape == (4, 4)
+    expected = np.zeros((4, 4), bool)
+    expected[0, 0] = expected[2, 2] = True
+    np.testing.assert_array_equal(small, expected)
+    # the whole cell's area counts, not a sample at its centre: 5 of 9 pixels, centre clear
+    ring = np.zeros((9, 9), bool)
+    ring[0, 0:3] = ring[1, 0] = ring[2, 0] = True
+    assert ring[0:3, 0:3].sum() == 5 and not ring[1, 1]
+    assert data.resize_mask(ring, (3, 3)).tolist() == [[True, False, False]] + [[False] * 3] * 2
+
+
+def test_resize_mask_enlarging_is_nearest() -> None:
+    mask = np.array([[True, False], [False, True]])
+    big = data.resize_mask(mask, (4, 6))
+    assert big.dtype == np.bool_ and big.shape == (4, 6)
+    np.testing.assert_array_equal(big, np.kron(mask, np.ones((2, 3), bool)))
+    odd = data.resize_mask(mask, (5, 7))
+    assert odd.sum() > 0 and (~odd).sum() > 0 and odd[0, 0] and odd[-1, -1] and not odd[0, -1]
+    assert data.resize_mask(mask, (2, 2)) is mask
+
+
+# -- preprocessing ---------------------------------------------------------------------------
+
+
+def test_prepare_gives_normalized_chw_at_the_model_size() -> None:
+    config = Config(image_size=32, levels=3, stacks=1, channels=8)
+    colour = np.array([10, 128, 250], np.uint8)
+    image = np.broadcast_to(colour, (40, 56, 3)).copy()
+    tensor = data.prepare(image, config)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+    assert tuple(tensor.shape) == (3, 32, 32)
+    expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    for c in range(3):
+        np.testing.assert_allclose(tensor[c].numpy(), expected[c], atol=1e-5)
+
+
+def test_prepare_non_square_size_and_gray_input() -> None:
+    config = Config(image_size=(32, 48), levels=3, stacks=1, channels=8)
+    tensor = data.prepare(np.full((20, 30), 0.5, np.float32), config)
+    assert tuple(tensor.shape) == (3, 32, 48)
+    np.testing.assert_allclose(
+        tensor[:, 0, 0].numpy(), (0.5 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-5
+    )
+
+
+def test_prepare_preserves_layout_when_resizing() -> None:
+    """The bright left half stays on the left after resizing (no transposition)."""
+    config = Config(image_size=32, levels=3, stacks=1, channels=8)
+    image = np.zeros((64, 96, 3), np.uint8)
+    image[:, :48] = 255
+    tensor = data.prepare(image, config)
+    assert tensor[:, :, :12].mean() > tensor[:, :, 20:].mean() + 1.0
+
+
+def test_load_stack_mixes_paths_and_arrays(tmp_path: Path) -> None:
+    config = Config(image_size=32, levels=3, stacks=1, channels=8)
+    path = tmp_path / "a.png"
+    Image.fromarray(RGB8).save(path)
+    stack = data.load_stack([path, GRAY8], config)
+    assert tuple(stack.shape) == (2, 3, 32, 32)
+    with pytest.raises(DataError):
+        data.load_stack([], config)
+
+
+# -- inputs and folders ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def loose_images(tmp_path: Path) -> Path:
+    folder = tmp_path / "loose"
+    (folder / "nested").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "c.tif"):
+        target = folder / name
+        if name.endswith(".tif"):
+            tifffile.imwrite(target, GRAY8)
+        else:
+            Image.fromarray(RGB8).save(target)
+    (folder / "notes.txt").write_text("not an image")
+    Image.fromarray(RGB8).save(folder / "nested" / "d.png")
+    return folder
+
+
+def test_expand_inputs_folder_lists_its_images_sorted(loose_images: Path) -> None:
+    found = data.expand_inputs([loose_images])
+    assert [p.name for p in found] == ["a.jpg", "b.png", "c.tif"]
+
+
+def test_expand_inputs_files_globs_order_and_duplicates(loose_images: Path) -> None:
+    single = loose_images / "c.tif"
+    found = data.expand_inputs([single, str(loose_images / "*.png"), loose_images])
+    assert [p.name for p in found] == ["c.tif", "b.png", "a.jpg"]
+    recursive = data.expand_inputs([str(loose_images / "**" / "*.png")])
+    assert {p.name for p in recursive} == {"b.png", "d.png"}
+
+
+@pytest.mark.parametrize("missing", ["no_such_file.png", "no_such_folder", "nothing_*.png"])
+def test_expand_inputs_missing_paths_name_the_path(loose_images: Path, missing: str) -> None:
+    target = str(loose_images / missing)
+    with pytest.raises(DataError) as info:
+        data.expand_inputs([loose_images / "b.png", target])
+    assert missing in str(info.value)
+
+
+def test_expand_inputs_folder_without_images_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match=tmp_path.name):
+        data.expand_inputs([tmp_path])
+
+
+@pytest.fixture(scope="module")
+def category_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec")
+    return generate_category(
+        root, "tile", size=32, n_train=4, n_test_good=2, n_test_defect_per_type=1
+    )
+
+
+@pytest.fixture
+def category(category_source: Path, tmp_path: Path) -> Path:
+    """A private copy that a test may damage."""
+    return Path(shutil.copytree(category_source, tmp_path / "tile"))
+
+
+def test_open_category_reads_the_mvtec_layout(category_source: Path) -> None:
+    folder = data.open_category(category_source)
+    assert folder.name == "tile"
+    assert [p.name for p in folder.train] == ["000.png", "001.png", "002.png", "003.png"]
+    types = DEFECT_TYPES["tile"]
+    assert len(folder.test) == 2 + len(types)
+    good = [s for s in folder.test if not s.is_defective]
+    bad = [s for s in folder.test if s.is_defective]
+    assert len(good) == 2 and all(s.mask_path is None for s in good)
+    assert {s.defect_type for s in bad} == set(types)
+    for sample in bad:
+        assert sample.mask_path is not None
+        assert sample.mask_path.parent == category_source / "ground_truth" / sample.defect_type
+        assert data.read_mask(sample.mask_path).any()
+
+
+def test_open_category_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="absent_category"):
+        data.open_category(tmp_path / "absent_category")
+
+
+def test_open_category_missing_train_good_is_named(category: Path) -> None:
+    shutil.rmtree(category / "train" / "good")
+    with pytest.raises(DataError) as info:
+        data.open_category(category)
+    assert str(Path("train") / "good") in str(info.value)
+
+
+def test_open_category_missing_test_is_named_unless_not_needed(category: Path) -> None:
+    shutil.rmtree(category / "test")
+    with pytest.raises(DataError) as info:
+        data.open_category(category)
+    assert str(category / "test") in str(info.value)
+    assert len(data.open_category(category, need_test=False).train) == 4
+
+
+def test_open_category_missing_mask_names_the_ground_truth_folder(category: Path) -> None:
+    defect = DEFECT_TYPES["tile"][0]
+    for mask in (category / "ground_truth" / defect).iterdir():
+        mask.unlink()
+    with pytest.raises(DataError) as info:
+        data.open_category(category)
+    message = str(info.value)
+    assert str(category / "ground_truth" / defect) in message and "000" in message
+
+
+def test_training_images_mvtec_layout_uses_train_good_only(category_source: Path) -> None:
+    images = data.training_images(category_source)
+    assert len(images) == 4
+    assert all(p.parent == category_source / "train" / "good" for p in images)
+
+
+def test_training_images_plain_folder(loose_images: Path, tmp_path: Path) -> None:
+    assert [p.name for p in data.training_images(loose_images)] == ["a.jpg", "b.png", "c.tif"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="empty"):
+        data.training_images(empty)
+    with pytest.raises(DataError, match="not_there"):
+        data.training_images(tmp_path / "not_there")
