@@ -354,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, nargs="+", metavar="PX", help="S or H W")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_import)
+
+    from .export import add_export_command
+    from .health import add_check_command
+
+    add_export_command(sub)
+    add_check_command(sub)
     return parser
 
 

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from . import distributed as dist_tools
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import TrainingError
-from .model import PyramidFlow
+from .model import PyramidFlow, level_sizes
 from .progress import counter_bar, progress_bar
 
 
 @dataclass
 class TrainReport:
-    """What a training run did: mean loss per epoch, steps, wall time."""
+    """What a training run did: mean loss per epoch, steps, wall time (all epochs, those
+    before a resume included) and the epoch it started at (> 0 after a resume)."""
 
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    start_epoch: int = 0
 
 
 def make_optimizer(model: PyramidFlow, config: Config) -> torch.optim.Adam:
@@ -55,6 +64,147 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[t
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
+def _loss(model: PyramidFlow, latents: list[torch.Tensor], pair_groups: int) -> torch.Tensor:
+    """The Siamese loss; with ``pair_groups`` > 1 pairs are formed inside each of that many
+    consecutive equal sub-batches and the loss is the mean of their losses."""
+    if pair_groups == 1:
+        return model.loss(latents)
+    size = latents[0].shape[0] // pair_groups
+    losses = [
+        model.loss([z[g * size : (g + 1) * size] for z in latents]) for g in range(pair_groups)
+    ]
+    return torch.stack(losses).mean()
+
+
+def _fingerprint(images: torch.Tensor) -> str:
+    data = images.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(data.view(torch.uint8).reshape(-1).numpy())  # no copy
+    return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()[:32]}"
+
+
+# Config fields a resume may change: they do not change what is computed (epochs only
+# says where to stop; memory/backend change rounding, not the result).
+_RESUMABLE_CHANGES = frozenset({"epochs", "memory", "backend", "category", "extra"})
+TRAINING_STATE = "training_state"
+
+
+def _save_state(
+    path: Path,
+    model: PyramidFlow,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: Config,
+    report: TrainReport,
+    epoch: int,
+    fingerprint: str,
+    pair_groups: int,
+    world: int,
+) -> None:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = cuda_state
+    info = {
+        "kind": TRAINING_STATE,
+        "epoch": epoch,
+        "step": report.steps,
+        "epoch_losses": report.epoch_losses,
+        "seconds": report.seconds,
+        "train_config": config.to_dict(),
+        "optimizer_param_groups": state["param_groups"],
+        "optimizer_scalars": scalars,
+        "images": fingerprint,
+        "pair_groups": pair_groups,
+        "world_size": world,
+    }
+    try:
+        save_checkpoint(path, model, info=info, extra_tensors=tensors)
+    except OSError as exc:
+        raise TrainingError(
+            f"could not write the training checkpoint {path} ({exc}); the previous one, if "
+            "any, is intact"
+        ) from exc
+
+
+def _load_state(
+    path: Path,
+    model: PyramidFlow,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: Config,
+    report: TrainReport,
+    fingerprint: str,
+    pair_groups: int,
+    world: int,
+) -> int:
+    """Restore a training state; returns the number of completed epochs."""
+    saved = load_checkpoint(path)
+    info = saved.info
+    if info.get("kind") != TRAINING_STATE:
+        raise TrainingError(f"{path}: not a training-state checkpoint; cannot resume from it")
+    stored = info["train_config"]
+    current = config.to_dict()
+    changed = sorted(
+        k for k in set(stored) | set(current)
+        if k not in _RESUMABLE_CHANGES and stored.get(k) != current.get(k)
+    )  # fmt: skip
+    if changed:
+        raise TrainingError(
+            f"{path}: cannot resume with a different config ({', '.join(changed)} changed); "
+            "only epochs, memory and backend may change"
+        )
+    if info["images"] != fingerprint:
+        raise TrainingError(f"{path}: was trained on other images; cannot resume on these")
+    if info.get("pair_groups", 1) != pair_groups or info.get("world_size", 1) != world:
+        raise TrainingError(
+            f"{path}: was written by a run with {info.get('world_size', 1)} process(es) and "
+            f"pair_groups={info.get('pair_groups', 1)}; resume with the same layout"
+        )
+    expected = model.state_dict()
+    weights = saved.model.state_dict()
+    if set(weights) != set(expected) or any(
+        weights[k].shape != expected[k].shape for k in expected
+    ):
+        raise TrainingError(f"{path}: weights do not fit this model's architecture")
+    model.load_state_dict(weights)
+    groups = info["optimizer_param_groups"]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    optim_state: dict[int, dict[str, Any]] = {}
+    for name, tensor in saved.extra_tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            optim_state.setdefault(int(index), {})[key] = tensor
+    for index, values in info["optimizer_scalars"].items():
+        optim_state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    generator.set_state(saved.extra_tensors["rng.generator"])
+    torch.set_rng_state(saved.extra_tensors["rng.torch"])
+    cuda_states = [
+        saved.extra_tensors[f"rng.cuda.{i}"]
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if f"rng.cuda.{i}" in saved.extra_tensors
+    ]
+    if cuda_states:
+        torch.cuda.set_rng_state_all(cuda_states)
+    report.epoch_losses = list(info["epoch_losses"])
+    report.steps = int(info["step"])
+    report.seconds = float(info["seconds"])
+    report.start_epoch = int(info["epoch"])
+    return report.start_epoch
+
+
 def train(
     model: PyramidFlow,
     images: torch.Tensor,
@@ -63,52 +213,150 @@ def train(
     device: str | torch.device = "cpu",
     progress: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    pair_groups: int = 1,
+    distributed: bool | None = None,
 ) -> TrainReport:
     """Train ``model`` on normalized good images (N, C, H, W) with the Siamese Fourier loss.
 
     Deterministic for a given ``config.seed`` (shuffling and augmentation use their own
     generator). Reports the last epoch: nothing here looks at test data.
+
+    ``checkpoint_path``: after every ``checkpoint_every`` epochs and after the last, the
+    whole training state (weights, VN running means, Adam state, epoch, step, generator
+    and torch RNG states, config) is written there atomically. ``resume=True`` continues
+    from that file when it exists (from scratch otherwise) and reaches the same weights as
+    an uninterrupted run; ``config.epochs`` may be raised to train on. A non-finite loss
+    or gradient raises :class:`TrainingError` and leaves the last checkpoint untouched.
+    ``on_step(step, loss)`` is called after every optimizer step (1-based global step).
+
+    ``pair_groups`` > 1 forms Siamese pairs only inside that many consecutive equal parts
+    of each batch (the loss is the mean of theirs; VN statistics span the whole batch):
+    the single-process equivalent of a distributed run (see :mod:`.distributed`).
+    ``distributed`` (default: whether a process group of > 1 process is initialized)
+    trains with DistributedDataParallel; ``config.batch_size`` is then per rank.
     """
     config = config or model.config
     if config.batch_size < 2:
         raise ValueError("batch_size must be >= 2: the Siamese loss compares pairs in a batch")
-    if images.shape[0] < config.batch_size:
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+    if pair_groups < 1 or config.batch_size % pair_groups or config.batch_size // pair_groups < 2:
         raise ValueError(
-            f"{images.shape[0]} training image(s) is fewer than one batch of {config.batch_size}"
+            f"pair_groups={pair_groups} must split batch_size={config.batch_size} into equal "
+            "parts of at least 2 images"
+        )
+    if distributed is None:
+        distributed = dist_tools.is_active()
+    elif distributed and not dist_tools.is_active():
+        raise ValueError(
+            "distributed=True needs an initialized process group of more than one process "
+            "(pyramidflow.distributed.init_from_env under torchrun)"
+        )
+    world = dist_tools.world_size() if distributed else 1
+    rank = dist_tools.rank() if distributed else 0
+    if distributed and pair_groups != 1:
+        raise ValueError("pair_groups is the single-process stand-in for ranks; not both")
+    local_size = config.batch_size
+    global_size = local_size * world
+    if images.shape[0] < global_size:
+        raise ValueError(
+            f"{images.shape[0]} training image(s) is fewer than one batch of {global_size}"
+            + (f" ({world} ranks x {local_size})" if world > 1 else "")
         )
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     model.to(device).train()
     optimizer = make_optimizer(model, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(config.seed)
     report = TrainReport()
-    start = time.perf_counter()
-    n_batches = images.shape[0] // config.batch_size
-    bar = counter_bar(config.epochs * n_batches, "training", enabled=progress)
-    for epoch in range(config.epochs):
-        total = 0.0
-        for index in epoch_batches(images.shape[0], config.batch_size, generator):
-            batch = images[index]
-            if config.augment:
-                batch = augment(batch, generator)
-            loss = model.loss(model(batch.to(device, non_blocking=True)))
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss became {value} at epoch {epoch + 1}, step {report.steps + 1}; lower "
-                    "the learning rate or check the images for constant or broken files"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            total += value
-            report.steps += 1
-            bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}", refresh=False)
-        report.epoch_losses.append(total / n_batches)
-        if on_epoch is not None:
-            on_epoch(epoch, report.epoch_losses[-1])
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    fingerprint = _fingerprint(images) if path is not None else ""
+    first_epoch = 0
+    if resume:
+        if path is None:
+            raise ValueError("resume=True needs a checkpoint_path")
+        if path.is_file():
+            first_epoch = _load_state(
+                path, model, optimizer, generator, config, report, fingerprint, pair_groups, world
+            )
+            model.to(device).train()
+    net: torch.nn.Module = model
+    cleanup = contextlib.ExitStack()
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        # VN's collectives get their own group, apart from DDP's gradient buckets
+        vn_group = torch.distributed.new_group(backend=torch.distributed.get_backend())
+        cleanup.callback(torch.distributed.destroy_process_group, vn_group)
+        cleanup.enter_context(dist_tools.synchronized_vn(model, vn_group))
+    start = time.perf_counter() - report.seconds
+    n_batches = images.shape[0] // global_size
+    remaining = max(config.epochs - first_epoch, 0) * n_batches
+    bar = counter_bar(remaining, "training", enabled=progress and rank == 0)
+    with cleanup:
+        for epoch in range(first_epoch, config.epochs):
+            total = 0.0
+            for index in epoch_batches(images.shape[0], global_size, generator):
+                batch = images[index]
+                if config.augment:
+                    batch = augment(batch, generator)
+                if distributed:
+                    batch = batch[rank * local_size : (rank + 1) * local_size]
+                latents = net(batch.to(device, non_blocking=True))
+                loss = _loss(model, latents, pair_groups)
+                shown = loss.detach()
+                if distributed:
+                    shown = dist_tools.all_reduce_mean(shown.clone())
+                value = float(shown)
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"loss became {value} at epoch {epoch + 1}, step {report.steps + 1}; "
+                        "lower the learning rate or check the images for constant or broken "
+                        "files"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+                if not math.isfinite(norm):
+                    raise TrainingError(
+                        f"gradient norm became {norm} at epoch {epoch + 1}, step "
+                        f"{report.steps + 1}; lower the learning rate"
+                    )
+                optimizer.step()
+                total += value
+                report.steps += 1
+                bar.update()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}", refresh=False)
+                if on_step is not None:
+                    on_step(report.steps, value)
+            report.epoch_losses.append(total / n_batches)
+            done = epoch + 1
+            if path is not None and (done % checkpoint_every == 0 or done == config.epochs):
+                report.seconds = time.perf_counter() - start
+                failure: BaseException | None = None
+                if rank == 0:  # one writer; the others wait to hear whether it worked
+                    try:
+                        _save_state(
+                            path, model, optimizer, generator, config, report, done,
+                            fingerprint, pair_groups, world,
+                        )  # fmt: skip
+                    except Exception as exc:
+                        failure = exc
+                if distributed and dist_tools.any_rank(failure is not None, device):
+                    failure = failure or TrainingError(
+                        f"rank 0 could not write the training checkpoint {path}"
+                    )
+                if failure is not None:
+                    raise failure
+            if on_epoch is not None:
+                on_epoch(epoch, report.epoch_losses[-1])
     bar.close()
     report.seconds = time.perf_counter() - start
     model.eval()
@@ -127,22 +375,35 @@ def compute_template(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    distributed: bool | None = None,
 ) -> list[torch.Tensor]:
     """Mean latent of the training images in eval mode, summed in float64: L tensors
-    (C, h_l, w_l), finest first, in the model's dtype."""
+    (C, h_l, w_l), finest first, in the model's dtype.
+
+    ``distributed`` (default: whether a process group of > 1 process is initialized): every
+    rank passes all images, encodes its contiguous share and the float64 sums and counts
+    are all-reduced, so every rank returns the same template."""
     if images.shape[0] == 0:
         raise ValueError("the template needs at least one training image")
+    if distributed is None:
+        distributed = dist_tools.is_active()
     model.to(device).eval()
-    sums: list[torch.Tensor] | None = None
-    for part in progress_bar(_batches(images.shape[0], batch_size), "template", enabled=progress):
-        latents = model(images[part].to(device))
-        if sums is None:
-            sums = [z.sum(0, dtype=torch.float64) for z in latents]
-        else:
-            for total, z in zip(sums, latents, strict=True):
-                total += z.sum(0, dtype=torch.float64)
-    assert sums is not None
-    return [(total / images.shape[0]).to(images.dtype) for total in sums]
+    part_of = dist_tools.shard(images.shape[0]) if distributed else slice(None)
+    mine = images[part_of]
+    sizes = level_sizes(model.config.image_size, model.config.levels)
+    sums = [
+        torch.zeros(model.config.channels, h, w, dtype=torch.float64, device=device)
+        for h, w in sizes
+    ]
+    show = progress and (not distributed or dist_tools.rank() == 0)
+    for part in progress_bar(_batches(mine.shape[0], batch_size), "template", enabled=show):
+        latents = model(mine[part].to(device))
+        for total, z in zip(sums, latents, strict=True):
+            total += z.sum(0, dtype=torch.float64)
+    count = torch.tensor([float(mine.shape[0])], dtype=torch.float64, device=device)
+    if distributed:
+        dist_tools.all_reduce_sum_([*sums, count])
+    return [(total / count).to(images.dtype) for total in sums]
 
 
 @torch.no_grad()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyramidflow_kernels as ops
 import torch
 import torch.nn.functional as F
+from pyramidflow_kernels.coupling_reference import soft_clamp, vn_dims
 from torch import nn
 
 
@@ -108,6 +111,9 @@ class CouplingBlock(nn.Module):
         self.register_buffer("running_mean", torch.zeros(mean_shape))
         self.mixing = InvertibleConv1x1(channels)
         self.momentum = 0.1
+        # Distributed training (pyramidflow.distributed) sets this: local VN batch mean ->
+        # global batch mean, differentiable. None: the batch is this process's own.
+        self.vn_sync: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, start={self.start}, target={self.target}"
@@ -134,8 +140,29 @@ class CouplingBlock(nn.Module):
             return self.running_mean
         return self.running_mean[..., :: self.param_stride, :: self.param_stride]
 
+    def _vn_correction(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """With ``vn_sync`` in training: (global minus local VN batch mean of the log-scale,
+        global mean). The op subtracts the local mean; x * exp(-correction) does the rest."""
+        if not self.training or self.vn_sync is None:
+            return None
+        log_scale = soft_clamp(h[:, : h.shape[1] // 2], self.clamp)
+        local = log_scale.mean(dim=vn_dims(self.volume_norm), keepdim=True)
+        global_mean = self.vn_sync(local)
+        return global_mean - local, global_mean
+
+    def _picked(self, correction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The correction at the target's pixels (CVN parameters may be at 2x resolution)."""
+        if self.volume_norm != "CVN":
+            return correction
+        step_h = correction.shape[-2] // target.shape[-2]
+        step_w = correction.shape[-1] // target.shape[-1]
+        return correction[..., ::step_h, ::step_w]
+
     def transform(self, x: torch.Tensor, h: torch.Tensor, update_stats: bool) -> torch.Tensor:
         """Coupling of the target level given the parameter output ``h``."""
+        synced = self._vn_correction(h)
+        if synced is not None:
+            x = x * torch.exp(-self._picked(synced[0], x))
         z, mean = ops.affine_coupling(
             x, h, self.mixing.weight(), self._running_mean_view(),
             volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
@@ -143,6 +170,8 @@ class CouplingBlock(nn.Module):
         )  # fmt: skip
         if self.training and update_stats:
             with torch.no_grad():
+                if synced is not None:
+                    mean = synced[1]
                 view = self._running_mean_view()
                 view.mul_(1.0 - self.momentum).add_(
                     mean.detach().to(view.dtype), alpha=self.momentum
@@ -151,11 +180,15 @@ class CouplingBlock(nn.Module):
 
     def untransform(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`transform` (no statistics are touched)."""
-        return ops.affine_coupling_inverse(
+        x = ops.affine_coupling_inverse(
             z, h, self.mixing.weight(), self._running_mean_view(),
             volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
             backend=self.backend,
         )  # fmt: skip
+        synced = self._vn_correction(h)
+        if synced is not None:
+            x = x * torch.exp(self._picked(synced[0], z))
+        return x
 
     def forward(self, levels: Levels, update_stats: bool = True) -> Levels:
         """Apply the block; returns a new list with the target level replaced."""

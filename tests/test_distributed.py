@@ -1,0 +1,153 @@
+"""Two gloo processes on the CPU equal the documented single-process run.
+
+A run on R ranks with per-rank batch b equals ``engine.train(..., pair_groups=R)`` with
+batch R*b on one process: same global batches and augmentation, VN mean over the global
+batch, Siamese pairs only inside each rank's b images (see pyramidflow/distributed.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from pyramidflow import Config, PyramidFlow, engine
+from pyramidflow.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=32, levels=3, stacks=1, channels=8, kernel_size=3, epochs=1, lr=1e-3)
+CONFIGS = {  # per-rank batch 2, 8 images: 2 steps of a global batch of 4
+    "cvn": dict(TINY, volume_norm="CVN", augment=True, seed=1),
+    "svn": dict(TINY, volume_norm="SVN", memory="store", seed=2),
+}
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from safetensors.torch import save_file
+    from pyramidflow import Config, PyramidFlow, distributed, engine
+
+    out, configs = sys.argv[1], eval(sys.argv[2])
+    device = distributed.init_from_env()  # what a torchrun script does
+    rank = distributed.rank()
+    if rank != 0:  # only rank 0 may write checkpoints
+        def forbidden(*args, **kwargs):
+            raise AssertionError("rank 1 wrote a checkpoint")
+        engine.save_checkpoint = forbidden
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name, values in configs.items():
+        config = Config(**values)
+        torch.manual_seed(config.seed)
+        model = PyramidFlow(config)
+        report = engine.train(model, images, config, device=device,
+                              checkpoint_path=f"{out}/{name}.safetensors")
+        assert report.steps == 2, report
+        template = engine.compute_template(model, images, batch_size=3)
+        results.update({f"{name}.{k}": v.contiguous() for k, v in model.state_dict().items()})
+        results.update({f"{name}.template.{i}": t for i, t in enumerate(template)})
+        results[f"{name}.losses"] = torch.tensor(report.epoch_losses, dtype=torch.float64)
+    save_file(results, f"{out}/rank{rank}.safetensors")
+    distributed.shutdown()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ranks")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        if sys.platform.startswith("linux"):
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        command = [sys.executable, str(script), str(out), repr(CONFIGS)]
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        assert proc.returncode == 0, output.decode()[-3000:]
+    return out
+
+
+def _single_process(name: str, **changes) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    config = Config(**{**CONFIGS[name], "batch_size": 4})
+    torch.manual_seed(config.seed)
+    model = PyramidFlow(config)
+    report = engine.train(model, _images(), config, **changes)
+    assert report.steps == 2
+    template = engine.compute_template(model, _images(), batch_size=3)
+    return dict(model.state_dict()), template
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_two_ranks_equal_one_process_with_pairs_inside_each_ranks_batch(
+    two_ranks: Path, name: str
+) -> None:
+    ranks = [load_file(two_ranks / f"rank{r}.safetensors") for r in range(2)]
+    for key in ranks[0]:  # every rank ends with the same model
+        if key.startswith(name):
+            torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=key)
+
+    state, template = _single_process(name, pair_groups=2)
+    for key, value in state.items():
+        torch.testing.assert_close(
+            ranks[0][f"{name}.{key}"], value, rtol=1e-5, atol=1e-6, msg=key
+        )  # weights, and the VN running means (updated with the global batch mean)
+    for level, t in enumerate(template):
+        torch.testing.assert_close(ranks[0][f"{name}.template.{level}"], t, rtol=1e-5, atol=1e-6)
+
+    # the documented equivalence is the discriminating one: all pairs across the global
+    # batch (a plain batch of 4) is a different run
+    plain, _ = _single_process(name)
+    gap = max((ranks[0][f"{name}.{k}"] - v).abs().max().item() for k, v in plain.items())
+    assert gap > 1e-4
+
+
+def test_rank_zero_wrote_a_resumable_checkpoint(two_ranks: Path) -> None:
+    saved = load_checkpoint(two_ranks / "cvn.safetensors")
+    assert saved.info["world_size"] == 2 and saved.info["step"] == 2
+    ranks = load_file(two_ranks / "rank0.safetensors")
+    for key, value in saved.model.state_dict().items():
+        assert torch.equal(value, ranks[f"cvn.{key}"]), key
+    assert saved.info["epoch_losses"] == ranks["cvn.losses"].tolist()
