@@ -62,6 +62,7 @@ from byte_model import (  # noqa: E402
     floor_seconds,
     kernel_bytes,
 )
+from checkout import ensure_kernels_importable  # noqa: E402
 
 CAPABILITIES = (80, 90)
 KERNEL_MODULES = ("pyramid_triton", "coupling_triton", "loss_map_triton")
@@ -117,17 +118,7 @@ def _import_kernels():
     """The kernel modules (from the installed package, else straight from ``kernels/``)."""
     import importlib
 
-    try:
-        import pyramidflow_kernels  # noqa: F401
-    except ImportError:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "pyramidflow_kernels", ROOT / "kernels" / "__init__.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pyramidflow_kernels"] = module
-        spec.loader.exec_module(module)
+    ensure_kernels_importable()
     return {name: importlib.import_module(f"pyramidflow_kernels.{name}") for name in KERNEL_MODULES}
 
 

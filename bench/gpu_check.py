@@ -52,6 +52,7 @@ for _path in (str(HERE), str(ROOT)):
         sys.path.insert(0, _path)
 
 from byte_model import H200_COPY_BANDWIDTH, Shape, floor_seconds, op_bytes  # noqa: E402
+from checkout import ensure_kernels_importable  # noqa: E402
 
 REPORT_KEYS = ("device", "ops", "copy", "training", "correctness", "errors", "skipped")
 
@@ -95,21 +96,6 @@ class Settings:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def ensure_kernels_importable() -> None:
-    """Import ``pyramidflow_kernels`` from the installed package, else from ``kernels/``."""
-    import importlib.util
-
-    try:
-        import pyramidflow_kernels  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "pyramidflow_kernels", ROOT / "kernels" / "__init__.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pyramidflow_kernels"] = module
-        spec.loader.exec_module(module)
 
 
 def synchronize(device: str) -> None:

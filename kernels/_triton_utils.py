@@ -59,6 +59,32 @@ def register_op(
     return op
 
 
+def register_unary_op(
+    name: str,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Register ``pyramidflow::<name>`` (y = forward(x)) with its gradient op
+    ``<name>_backward`` (grad_x = backward(grad_y, x)); the input is saved for backward."""
+
+    def forward_fn(x: torch.Tensor) -> torch.Tensor:
+        return forward(x)
+
+    def backward_fn(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return backward(grad, x)
+
+    backward_op = register_op(f"{name}_backward", backward_fn)
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    def autograd_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return backward_op(grad, x)
+
+    return register_op(name, forward_fn, backward=autograd_backward, setup_context=setup_context)
+
+
 def acc_dtype(dtype: torch.dtype):
     """Accumulation dtype for a kernel on ``dtype``: float64 stays float64, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -23,6 +23,8 @@ with ``register_autograd``, so ``torch.compile`` / ``torch.export`` see through 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -403,6 +405,36 @@ def _is_cvn(volume_norm: str) -> bool:
     return vn_dims(volume_norm) == (0, 1)
 
 
+def _inverse_weight(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.inv(weight.double()).to(weight.dtype).contiguous()
+
+
+def _apply_coupling(
+    kernel: Any,
+    source: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward or the inverse kernel (they share the signature: the inverse
+    gets the inverted mixing weight); returns the result and the subtracted VN mean,
+    which the backward keeps."""
+    source, h, weight = source.contiguous(), h.contiguous(), weight.contiguous()
+    geo, cvn = _Geometry(source, h, weight), _is_cvn(volume_norm)
+    mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
+    result = torch.empty_like(source)
+    launch(
+        kernel, (geo.tiles, geo.batch),
+        source, h, weight, mean, result, geo.hw, geo.width, geo.hwp, geo.wp, clamp,
+        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        ACC=acc_dtype(source.dtype), BLOCK_P=geo.block,
+    )  # fmt: skip
+    return result, mean
+
+
 def _forward_impl(
     x: torch.Tensor,
     h: torch.Tensor,
@@ -412,21 +444,10 @@ def _forward_impl(
     training: bool,
     clamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x, h, weight = x.contiguous(), h.contiguous(), weight.contiguous()
-    geo, cvn = _Geometry(x, h, weight), _is_cvn(volume_norm)
-    mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
-    z = torch.empty_like(x)
-    launch(
-        _coupling_fwd_kernel, (geo.tiles, geo.batch),
-        x, h, weight, mean, z, geo.hw, geo.width, geo.hwp, geo.wp, clamp,
-        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
-        ACC=acc_dtype(x.dtype), BLOCK_P=geo.block,
-    )  # fmt: skip
-    return z, mean
-
-
-def _inverse_weight(weight: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.inv(weight.double()).to(weight.dtype).contiguous()
+    """Returns (z, the subtracted VN mean)."""
+    return _apply_coupling(
+        _coupling_fwd_kernel, x, h, weight, running_mean, volume_norm, training, clamp
+    )
 
 
 def _inverse_impl(
@@ -438,18 +459,11 @@ def _inverse_impl(
     training: bool,
     clamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (x, the subtracted VN mean); the mean is kept for the backward."""
-    z, h, weight = z.contiguous(), h.contiguous(), weight.contiguous()
-    geo, cvn = _Geometry(z, h, weight), _is_cvn(volume_norm)
-    mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
-    x = torch.empty_like(z)
-    launch(
-        _coupling_inv_kernel, (geo.tiles, geo.batch),
-        z, h, _inverse_weight(weight), mean, x, geo.hw, geo.width, geo.hwp, geo.wp, clamp,
-        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
-        ACC=acc_dtype(z.dtype), BLOCK_P=geo.block,
+    """Returns (x, the subtracted VN mean)."""
+    return _apply_coupling(
+        _coupling_inv_kernel, z, h, _inverse_weight(weight), running_mean, volume_norm,
+        training, clamp,
     )  # fmt: skip
-    return x, mean
 
 
 def _grad_buffers(

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import acc_dtype, launch, register_op, tile_1d, tile_2d
+from ._triton_utils import acc_dtype, launch, register_op, register_unary_op, tile_1d, tile_2d
 from .pyramid_triton import pyramid_compose, up_launch
 
 __all__ = ["anomaly_map", "fourier_loss", "rfft2_adjoint"]
@@ -367,40 +367,6 @@ def abs_diff_mean_launch(z: torch.Tensor, template: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------- registered ops
 
 
-def _pair_fn(z: torch.Tensor) -> torch.Tensor:
-    return pair_sq_diff_launch(z)
-
-
-def _pair_backward_fn(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return pair_sq_diff_grad_launch(grad, z)
-
-
-def _pair_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
-
-
-def _pair_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-    (z,) = ctx.saved_tensors
-    return _pair_backward_op(grad, z)
-
-
-def _spectrum_fn(maps: torch.Tensor) -> torch.Tensor:
-    return spectrum_abs_mean_launch(maps)
-
-
-def _spectrum_backward_fn(grad: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    return spectrum_abs_mean_grad_launch(grad, maps)
-
-
-def _spectrum_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
-
-
-def _spectrum_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-    (maps,) = ctx.saved_tensors
-    return _spectrum_backward_op(grad, maps)
-
-
 def _anomaly_fn(
     latents: list[torch.Tensor], template: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,13 +384,9 @@ def _anomaly_fn(
     return result[:, 0], maxima.amax(dim=1)
 
 
-_pair_backward_op = register_op("pair_sq_diff_mean_backward", _pair_backward_fn)
-_pair_op = register_op(
-    "pair_sq_diff_mean", _pair_fn, backward=_pair_backward, setup_context=_pair_setup
-)
-_spectrum_backward_op = register_op("spectrum_abs_mean_backward", _spectrum_backward_fn)
-_spectrum_op = register_op(
-    "spectrum_abs_mean", _spectrum_fn, backward=_spectrum_backward, setup_context=_spectrum_setup
+_pair_op = register_unary_op("pair_sq_diff_mean", pair_sq_diff_launch, pair_sq_diff_grad_launch)
+_spectrum_op = register_unary_op(
+    "spectrum_abs_mean", spectrum_abs_mean_launch, spectrum_abs_mean_grad_launch
 )
 _anomaly_op = register_op("anomaly_map", _anomaly_fn)
 
