@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .model import PyramidFlow
 from .progress import progress_bar
 
 ImageLike = str | os.PathLike[str] | np.ndarray
+EpochCallback = Callable[[int, float, "dict[str, float] | None"], None]
 
 
 @dataclass
@@ -71,6 +72,11 @@ class Detector:
         source: str | os.PathLike[str] | Iterable[np.ndarray] | torch.Tensor,
         *,
         progress: bool = False,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        checkpoint_every_steps: int | None = None,
+        eval_data: str | os.PathLike[str] | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> Detector:
         """Train on good images, compute the template and the threshold.
 
@@ -78,30 +84,57 @@ class Detector:
         iterable of pixel arrays, or an already normalized tensor (N, C, H, W) at the model
         size. A ``holdout_fraction`` of the images (chosen by the seed) is not trained on:
         the threshold is the ``threshold_quantile`` of their image scores.
+
+        ``checkpoint_path``: write the training state there after every epoch (and every
+        ``checkpoint_every_steps`` steps); ``resume=True`` continues from it when it exists
+        and ends with the weights of an uninterrupted run (see :func:`engine.train`).
+        ``eval_data``: an MVTec-layout category whose test split is evaluated after every
+        epoch, in eval mode, without touching the training's RNG or VN statistics; the
+        metrics go to ``info["epoch_metrics"]`` (epochs trained in this call only). They
+        never choose the model: it is always the last epoch's.
+        ``on_epoch(epoch, mean_loss, metrics_or_None)`` is called after every epoch.
         """
+        if eval_data is not None:
+            data.open_category(eval_data)  # fail before training, not after the first epoch
         if isinstance(source, torch.Tensor):
             images = self._checked_tensor(source)
         else:
             arrays, names = self._read_training(source, progress)
             self.config = preprocess.resolve(self.config, arrays, names)
-            images = torch.stack(
-                [
-                    preprocess.prepare(a, self.config, n)
-                    for a, n in progress_bar(
-                        list(zip(arrays, names, strict=True)), "preparing", enabled=progress
-                    )
-                ]
-            )
-        fit_part, held_out = self._split(images.shape[0])
+            images = self._prepare_all(arrays, names, progress)
+            del arrays
+        n = images.shape[0]
+        fit_part, held_out = self._split(n)
+        train_images = images if len(fit_part) == n else images[fit_part]
+        reference = images[held_out] if held_out else train_images
+        del images  # the full stack is not needed beside its two parts
         torch.manual_seed(self.config.seed)
-        self.model = PyramidFlow(self.config)
-        train_images = images[fit_part]
-        report = engine.train(self.model, train_images, device=self.device, progress=progress)
-        self.template = engine.compute_template(
-            self.model, train_images, device=self.device, progress=progress
+        self.model = model = PyramidFlow(self.config)
+        self.template, self.threshold = None, None
+        epoch_metrics: list[dict[str, float]] = []
+
+        def after_epoch(epoch: int, loss: float) -> None:
+            metrics = None
+            if eval_data is not None:
+                metrics = self._evaluate_during_training(model, train_images, eval_data)
+                epoch_metrics.append({"epoch": epoch + 1, "loss": loss, **metrics})
+            if on_epoch is not None:
+                on_epoch(epoch, loss, metrics)
+
+        report = engine.train(
+            model,
+            train_images,
+            device=self.device,
+            progress=progress,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every_steps=checkpoint_every_steps,
+            resume=resume,
+            on_epoch=after_epoch if eval_data is not None or on_epoch is not None else None,
         )
-        source_of_threshold = "held-out good images" if len(held_out) else "training images"
-        reference = images[held_out] if len(held_out) else train_images
+        self.template = engine.compute_template(
+            model, train_images, device=self.device, progress=progress
+        )
+        source_of_threshold = "held-out good images" if held_out else "training images"
         _, scores = self.score_batch(reference)
         self.threshold = float(np.quantile(scores.numpy(), self.config.threshold_quantile))
         self.info = {
@@ -113,7 +146,39 @@ class Detector:
             "epoch_losses": report.epoch_losses,
             "train_seconds": round(report.seconds, 3),
         }
+        if report.start_epoch:
+            self.info["resumed_at_epoch"] = report.start_epoch
+        if eval_data is not None:
+            self.info["epoch_metrics"] = epoch_metrics
+            self.info["epoch_metrics_data"] = str(eval_data)
         return self
+
+    def _prepare_all(
+        self, arrays: list[np.ndarray], names: list[str], progress: bool
+    ) -> torch.Tensor:
+        """Prepare ``arrays`` into one (N, C, H, W) stack, dropping each raw array from the
+        list once it is prepared (peak memory: the stack plus the not yet prepared ones)."""
+        images = torch.empty(len(arrays), self.config.in_channels, *self.config.image_size)
+        for i in progress_bar(range(len(arrays)), "preparing", enabled=progress):
+            images[i] = preprocess.prepare(arrays[i], self.config, names[i])
+            arrays[i] = None  # type: ignore[call-overload]
+        return images
+
+    def _evaluate_during_training(
+        self, model: PyramidFlow, train_images: torch.Tensor, category: str | os.PathLike[str]
+    ) -> dict[str, float]:
+        """Test metrics of the model as it is now; the caller's RNG states, the model's
+        training mode and its VN running means are as before."""
+        was_training = model.training
+        cuda = self.device.type == "cuda"
+        devices = [self.device.index if self.device.index is not None else 0] if cuda else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                self.template = engine.compute_template(model, train_images, device=self.device)
+                return self.evaluate(category).metrics
+        finally:
+            self.template = None
+            model.train(was_training)
 
     def _checked_tensor(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.config.in_channels, *self.config.image_size)
@@ -175,6 +240,26 @@ class Detector:
             model, template, images, batch_size=batch_size, device=self.device, progress=progress
         )
 
+    def _checked_batch(self, images: torch.Tensor) -> torch.Tensor:
+        model, _ = self._ready()
+        if images.dim() != 4:
+            raise ValueError(
+                f"a tensor batch must be (N, C, H, W), got shape {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"a tensor batch must hold normalized floats, got {images.dtype}")
+        return images.to(next(model.parameters()).dtype)
+
+    @staticmethod
+    def _check_finite(maps: torch.Tensor, scores: torch.Tensor, names: Sequence[str]) -> None:
+        finite = torch.isfinite(maps).flatten(1).all(1) & torch.isfinite(scores)
+        if not bool(finite.all()):
+            bad = names[int((~finite).nonzero()[0, 0])]
+            raise DataError(
+                f"{bad}: the anomaly map is not finite (NaN/Inf values, or pixel values far "
+                "outside the image type's range)"
+            )
+
     def _result(self, amap: np.ndarray, score: float, source: str) -> Prediction:
         if self.threshold is None:
             return Prediction(amap, score, source=source)
@@ -185,14 +270,24 @@ class Detector:
     def predict(
         self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, *, batch_size: int = 8
     ) -> Prediction | list[Prediction]:
-        """Map, score and mask of an image file, a pixel array (uint8/uint16/float, HxW or
-        HxWxC), a list of those, or a normalized tensor batch (N, C, H, W).
-        One input gives one :class:`Prediction`, a list or batch gives a list."""
+        """Map, score and mask of an image file, a pixel array (bool/integer/float, HxW or
+        HxWxC), a list of those, or a normalized float tensor batch (N, C, H, W).
+        One input gives one :class:`Prediction`, a list or batch gives a list.
+
+        Unusable images (unreadable, empty, wrong channel count, NaN/Inf pixels, values so
+        far out of range that the map is not finite) raise :class:`DataError` naming the
+        image; a badly shaped tensor raises ValueError, an item that is neither a path nor
+        an array TypeError."""
         if isinstance(images, torch.Tensor):
-            maps, scores = self.score_batch(images, batch_size=batch_size)
+            batch = self._checked_batch(images)
+            maps, scores = self.score_batch(batch, batch_size=batch_size)
+            names = [f"tensor item {i}" for i in range(len(maps))]
+            self._check_finite(maps, scores, names)
             return [
                 self._result(m.numpy(), float(s), "") for m, s in zip(maps, scores, strict=True)
             ]
+        if isinstance(images, np.generic):  # a numpy scalar: a 0-d array, not an image
+            images = np.asarray(images)
         single = isinstance(images, (str, os.PathLike, np.ndarray))
         items = [images] if single else list(images)
         results = []
@@ -200,15 +295,24 @@ class Detector:
             arrays, names = [], []
             for i, item in enumerate(items[start : start + batch_size]):
                 if isinstance(item, np.ndarray):
+                    name = f"array {start + i}"
+                    if item.ndim in (2, 3) and 0 in item.shape[:2]:
+                        raise DataError(f"{name}: image is empty ({item.shape[0]}x{item.shape[1]})")
                     arrays.append(item)
-                    names.append(f"array {start + i}")
-                else:
+                elif isinstance(item, (str, os.PathLike)):
+                    name = str(item)
                     arrays.append(data.read_array(item))
-                    names.append(str(item))
+                else:
+                    raise TypeError(
+                        "predict takes image paths, numpy arrays, a list of those or a tensor "
+                        f"batch; item {start + i} is a {type(item).__name__}"
+                    )
+                names.append(name)
             batch = torch.stack(
                 [preprocess.prepare(a, self.config, n) for a, n in zip(arrays, names, strict=True)]
             )
             maps, scores = self.score_batch(batch, batch_size=batch_size)
+            self._check_finite(maps, scores, names)
             for amap, score, array, name in zip(maps, scores, arrays, names, strict=True):
                 full = preprocess.restore_map(amap, array.shape[:2], self.config)
                 results.append(self._result(full, float(score), name))
@@ -223,27 +327,37 @@ class Detector:
         folder = data.open_category(category)
         samples = folder.test
         maps, scores, masks = [], [], []
-        for sample in progress_bar(samples, "evaluating", enabled=progress):
-            array = data.read_array(sample.path)
-            amap, score = self.score_batch(
-                preprocess.prepare(array, self.config, str(sample.path))[None]
+        chunks = range(0, len(samples), batch_size)
+        for start in progress_bar(chunks, "evaluating", enabled=progress):
+            chunk = samples[start : start + batch_size]
+            arrays = [data.read_array(sample.path) for sample in chunk]
+            batch = torch.stack(
+                [
+                    preprocess.prepare(array, self.config, str(sample.path))
+                    for array, sample in zip(arrays, chunk, strict=True)
+                ]
             )
-            maps.append(
-                preprocess.restore_map(amap[0], array.shape[:2], self.config)
-                if self.config.geometry == "native"
-                else amap[0].numpy()
-            )
-            scores.append(float(score[0]))
-            if sample.mask_path is None:
-                mask = np.zeros(maps[-1].shape, dtype=bool)
-            else:
-                mask = preprocess.model_mask(data.read_mask(sample.mask_path), self.config)
-                if mask.shape != maps[-1].shape:
-                    raise DataError(
-                        f"{sample.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its "
-                        f"image {sample.path} is {array.shape[0]}x{array.shape[1]}"
-                    )
-            masks.append(mask)
+            chunk_maps, chunk_scores = self.score_batch(batch, batch_size=batch_size)
+            del batch
+            for amap, score, array, sample in zip(
+                chunk_maps, chunk_scores, arrays, chunk, strict=True
+            ):
+                maps.append(
+                    preprocess.restore_map(amap, array.shape[:2], self.config)
+                    if self.config.geometry == "native"
+                    else amap.numpy()
+                )
+                scores.append(float(score))
+                if sample.mask_path is None:
+                    mask = np.zeros(maps[-1].shape, dtype=bool)
+                else:
+                    mask = preprocess.model_mask(data.read_mask(sample.mask_path), self.config)
+                    if mask.shape != maps[-1].shape:
+                        raise DataError(
+                            f"{sample.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but "
+                            f"its image {sample.path} is {array.shape[0]}x{array.shape[1]}"
+                        )
+                masks.append(mask)
         map_stack, mask_stack = np.stack(maps), np.stack(masks)
         score_array = np.asarray(scores, dtype=np.float32)
         metrics = evaluate_maps(map_stack, mask_stack, score_array)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from .atomic import atomic_write
 from .config import Config
 from .model import PyramidFlow, level_sizes
 
@@ -74,16 +73,6 @@ def _template_tensors(
     return tensors
 
 
-def _file_mode(path: Path) -> int:
-    """The permissions a plain ``open(path, "w")`` would give (or the existing file's)."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: PyramidFlow,
@@ -118,32 +107,7 @@ def save_checkpoint(
     }
     payload = safetensors.torch.save(tensors, metadata=metadata)
 
-    folder = path.parent
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.chmod(tmp_name, _file_mode(path))  # mkstemp makes 0600 files
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX); harmless to skip elsewhere
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, lambda handle: handle.write(payload))
 
 
 def _first_line(exc: BaseException) -> str:

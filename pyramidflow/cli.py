@@ -8,7 +8,6 @@ failed), 2 a command-line mistake. User mistakes print one line, no traceback; s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -166,87 +165,113 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--batch-size must be >= 2 (the loss compares image pairs), got {config.batch_size}"
         )
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be >= 1 step, got {args.checkpoint_every}")
     _check_new_file(args.out, args.overwrite)
+    state = train_state_path(args.out)
+    if state.exists() and not args.resume:
+        if not args.overwrite:
+            raise UsageError(
+                f"{state} holds a saved training run: pass --resume to continue it or "
+                "--overwrite to start over"
+            )
+        state.unlink()
     count = len(training_images(args.data))
     args.out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after training
     if count < config.batch_size:
         raise DataError(
             f"{args.data}: {count} training image(s), fewer than one batch of {config.batch_size}"
         )
-    detector = Detector(config, device=args.device).fit(args.data, progress=not args.no_progress)
+    if args.resume and not state.exists():
+        print(f"{PROG}: no {state}; training from the start", file=sys.stderr)
+
+    def report_epoch(epoch: int, loss: float, metrics: dict[str, float] | None) -> None:
+        if metrics is not None:
+            shown = "  ".join(
+                f"{name} {metrics[name]:.4f}"
+                for name in ("pixel_auroc", "image_auroc", "aupro")
+                if name in metrics
+            )
+            print(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4g}  {shown}", flush=True)
+
+    detector = Detector(config, device=args.device).fit(
+        args.data,
+        progress=not args.no_progress,
+        checkpoint_path=state,
+        resume=args.resume,
+        checkpoint_every_steps=args.checkpoint_every,
+        eval_data=args.eval_data,
+        on_epoch=report_epoch if args.eval_data is not None else None,
+    )
     path = detector.save(args.out)
+    if not args.keep_state:
+        state.unlink(missing_ok=True)
     losses = detector.info["epoch_losses"]
     print(f"trained {detector.info['steps']} steps, last epoch loss {losses[-1]:.4g}; wrote {path}")
     return 0
 
 
+def train_state_path(out: Path) -> Path:
+    """Where ``train --out OUT`` keeps its resumable training state: ``OUT.train-state``."""
+    return out.with_name(out.name + ".train-state")
+
+
 def _output_names(paths: Sequence[Path]) -> list[str]:
-    """Unique, safe output stems (files of the same name in different folders differ)."""
-    names, seen = [], set()
-    for index, path in enumerate(paths):
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem) or "image"
-        name, suffix = stem, index
-        while name in seen:  # "a_2" given, then a second "a" at index 2: try further
-            name = f"{stem}_{suffix}"
-            suffix += 1
-        seen.add(name)
-        names.append(name)
-    return names
+    """Unique, safe output stems, stable for the same inputs (see predict_run.output_names)."""
+    from .predict_run import output_names
+
+    return output_names(paths)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import tifffile
-    from PIL import Image
-
     from . import data
     from .api import Detector
-    from .progress import progress_bar
-    from .viz import colorize, overlay
+    from .predict_run import OutputExistsError, check_outputs, mvtec_label, run_predict
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = data.expand_inputs(args.inputs)
-    out: Path = args.out
-    table = out / "scores.csv"
-    _check_new_file(table, args.overwrite)
+    try:  # before loading the model: a usage mistake should cost nothing
+        names = _output_names(paths)
+        check_outputs(args.out, names, overwrite=args.overwrite, resume=args.resume, paths=paths)
+    except OutputExistsError as exc:
+        raise UsageError(str(exc)) from None
     detector = Detector.load(args.model, device=args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, failed = [], 0
-    names = _output_names(paths)
-    for path, name in progress_bar(
-        list(zip(paths, names, strict=True)), "predicting", enabled=not args.no_progress
-    ):
-        try:
-            pixels = data.read_array(path)
-            pred = detector.predict(pixels)
-        except PyramidFlowError as exc:
-            print(f"{PROG}: skipped {path}: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        assert not isinstance(pred, list)
-        tifffile.imwrite(out / f"{name}_map.tiff", pred.anomaly_map)
-        scale = np.percentile(pred.anomaly_map, 99.9)
-        colour = pixels.ndim == 3 and pixels.shape[2] >= 3
-        shown = data.to_channels(pixels, 3 if colour else 1, str(path))
-        heat = colorize(pred.anomaly_map, 0.0, max(scale, 1e-12))
-        Image.fromarray(overlay(shown, heat)).save(out / f"{name}_overlay.png")
-        rows.append({"file": str(path), "score": pred.score, "map": f"{name}_map.tiff"})
-    with open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "score", "map"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "scores.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"scored {len(rows)} image(s) into {out}" + (f"; {failed} failed" if failed else ""))
-    return 1 if failed else 0
+    summary = run_predict(
+        detector,
+        paths,
+        args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        labels=mvtec_label,
+        report=not args.no_report,
+        title=f"pyramidflow predictions: {Path(args.model).name}",
+        log=lambda message: print(f"{PROG}: {message}", file=sys.stderr),
+    )
+    done = f"scored {summary.scored} image(s) into {summary.out}"
+    if summary.resumed:
+        done += f" ({summary.resumed} done earlier, kept)"
+    if summary.failed:
+        done += f"; {len(summary.failed)} failed"
+    print(done)
+    if summary.report is not None:
+        print(f"report: {summary.report}")
+    return 1 if summary.failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Detector
+    from .data import find_categories
 
     if args.json is not None:
         _check_new_file(args.json, args.overwrite)
         args.json.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after evaluating
+    folders = [f for root in args.data for f in find_categories(root)]  # check all first
     detector = Detector.load(args.model, device=args.device)
     rows = {}
-    for folder in args.data:
+    for folder in folders:
         evaluation = detector.evaluate(folder, progress=not args.no_progress)
         name = Path(folder).resolve().name or str(folder)  # "." -> the folder's own name
         if name in rows:
@@ -308,33 +333,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", type=Path, help="MVTec-layout category folder or folder of images")
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file; without --resume also discard a saved "
+        "OUT.train-state",
+    )
+    g = p.add_argument_group("checkpoints and monitoring")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in OUT.train-state (written after every epoch); same "
+        "data and config required, --epochs may grow; ends with the weights of an "
+        "uninterrupted run",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="STEPS",
+        help="also write OUT.train-state every STEPS optimizer steps (default: every epoch)",
+    )
+    g.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep OUT.train-state after success (to --resume later with more --epochs); "
+        "by default it is deleted once --out is written",
+    )
+    g.add_argument(
+        "--eval-data",
+        type=Path,
+        metavar="CATEGORY",
+        help="MVTec-layout category: print test metrics after every epoch and store them in "
+        "the model's info. Monitoring only: the saved model is always the last epoch's",
+    )
     _add_model_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "predict",
-        help="anomaly maps and scores for image files, folders or glob patterns",
-        description="Writes per image NAME_map.tiff (float32, original resolution) and "
-        "NAME_overlay.png, and scores.csv / scores.json with one row per image. Unreadable "
+        help="anomaly maps, masks, scores and an HTML report for image files, folders, globs",
+        description="Writes per image NAME_map.tiff (float32, original resolution), "
+        "NAME_overlay.png and NAME_mask.png (0/255 at the model's threshold), and "
+        "scores.csv / scores.json (file, score, decision, map, overlay, mask) and "
+        "report.html. Images are processed in batches and every result is written as it "
+        "is done (scores.jsonl), so a long run can be continued with --resume. Unreadable "
         "files are reported and skipped (exit code 1).",
     )
     p.add_argument("model", type=Path, help="model file written by `train`")
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an earlier run into --out: images already done are kept, not rescored",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images scored together (default 8)")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "evaluate",
-        help="pixel/image AUROC and AUPRO on MVTec-layout test folders",
+        help="pixel/image AUROC and AUPRO on MVTec AD or BTAD test folders",
         description="Scores each category's test split at the model's resolution and prints "
-        "pixel AUROC, image AUROC, AUPRO (FPR <= 0.3, normalised) and full-range AUPRO.",
+        "pixel AUROC, image AUROC, AUPRO (FPR <= 0.3, normalised) and full-range AUPRO. A "
+        "dataset root stands for all its categories.",
     )
     p.add_argument("model", type=Path, help="model file written by `train`")
-    p.add_argument("data", type=Path, nargs="+", help="MVTec-layout category folder(s)")
+    p.add_argument(
+        "data", type=Path, nargs="+", help="MVTec AD or BTAD category folder(s) or root(s)"
+    )
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _add_common(p)
@@ -355,10 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_import)
 
+    from .benchmark import add_benchmark_command
     from .export import add_export_command
     from .health import add_check_command
 
     add_export_command(sub)
+    add_benchmark_command(sub)
     add_check_command(sub)
     return parser
 

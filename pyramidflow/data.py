@@ -1,13 +1,16 @@
-"""Images in: file reading, dataset layouts, resizing and normalization.
+"""Images in: file reading, channels, masks and dataset layouts (MVTec AD, BTAD, folders).
 
-Pixel values are read without loss (8-bit, 16-bit, float TIFF) and scaled to [0, 1] by the
-range of their type; the model's normalization ``(x - mean) / std`` is applied afterwards.
+Pixel values are read without loss (8-bit, 16-bit PNG and TIFF, float TIFF) and scaled to
+[0, 1] by the range of their type; :mod:`pyramidflow.preprocess` turns them into model
+inputs (geometry and the model's normalization ``(x - mean) / std``).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,116 @@ def _scale_to_unit(array: np.ndarray, path: Path) -> np.ndarray:
     raise DataError(f"{path}: unsupported pixel type {array.dtype}")
 
 
+# -- 16-bit colour PNG -----------------------------------------------------------------------
+# Pillow reads PNGs with 16 bits per channel and colour (RGB, RGBA, gray + alpha) as 8-bit,
+# silently dropping the low byte. Those files are decoded here with zlib and numpy.
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG16_CHANNELS = {2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
+# Adam7 interlace passes: first row, first column, row step, column step
+_ADAM7 = (
+    (0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1)
+)  # fmt: skip
+
+
+def _png16_header(path: Path) -> tuple[int, int, int, bool] | None:
+    """(height, width, channels, interlaced) of a 16-bit colour PNG; None for other files."""
+    with open(path, "rb") as f:
+        head = f.read(29)
+    if len(head) < 29 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
+    if depth != 16 or colour not in _PNG16_CHANNELS:
+        return None
+    return height, width, _PNG16_CHANNELS[colour], interlace == 1
+
+
+def _png_image_data(blob: bytes) -> bytes:
+    """The concatenated IDAT payload of a PNG file, chunk CRCs checked."""
+    parts, pos = [], len(_PNG_SIGNATURE)
+    while True:
+        if pos + 12 > len(blob):
+            raise ValueError("truncated PNG file (no IEND chunk)")
+        length, kind = struct.unpack(">I4s", blob[pos : pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(blob):
+            raise ValueError(f"truncated PNG {kind.decode('latin-1')} chunk")
+        body = blob[pos + 8 : end]
+        if zlib.crc32(kind + body) != struct.unpack(">I", blob[end : end + 4])[0]:
+            raise ValueError(f"CRC error in PNG {kind.decode('latin-1')} chunk")
+        if kind == b"IDAT":
+            parts.append(body)
+        elif kind == b"IEND":
+            return b"".join(parts)
+        pos = end + 4
+
+
+def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def _unfilter(rows: np.ndarray, bpp: int) -> np.ndarray:
+    """Undo the PNG row filters of (h, 1 + w * bpp) bytes -> uint8 (h, w * bpp)."""
+    kinds = rows[:, 0].astype(np.intp)
+    if kinds.max() > 4:
+        raise ValueError(f"unknown PNG row filter {kinds.max()}")
+    h, w = rows.shape[0], (rows.shape[1] - 1) // bpp
+    filtered = rows[:, 1:].reshape(h, w, bpp).astype(np.int32)
+    if kinds.max() <= 2:  # None, Sub, Up: whole rows at once
+        out = np.empty_like(filtered)
+        above = np.zeros((w, bpp), np.int32)
+        for r in range(h):
+            row = filtered[r]
+            if kinds[r] == 1:
+                row = np.cumsum(row, axis=0)
+            elif kinds[r] == 2:
+                row = row + above
+            above = out[r] = row & 0xFF
+        return out.astype(np.uint8).reshape(h, w * bpp)
+    # Average and Paeth need the reconstructed left neighbour: sweep anti-diagonals, whose
+    # pixels depend only on earlier ones (left, above, above-left). Row 0 / column 0 of
+    # ``recon`` are the zeros the filters assume outside the image.
+    recon = np.zeros((h + 1, w + 1, bpp), np.int32)
+    for d in range(h + w - 1):
+        r = np.arange(max(0, d - w + 1), min(h, d + 1))
+        c = d - r
+        a, b, ul = recon[r + 1, c], recon[r, c + 1], recon[r, c]
+        predicted = np.choose(kinds[r, None], (0, a, b, (a + b) >> 1, _paeth(a, b, ul)))
+        recon[r + 1, c + 1] = (filtered[r, c] + predicted) & 0xFF
+    return recon[1:, 1:].astype(np.uint8).reshape(h, w * bpp)
+
+
+def _read_png16(path: Path, height: int, width: int, channels: int, interlaced: bool) -> np.ndarray:
+    """A 16-bit colour PNG as uint16 (H, W, channels), every bit kept."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise ValueError(f"{height}x{width} pixels exceeds the decompression bomb limit")
+    bpp = 2 * channels
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    sizes = [
+        (max(0, -(-(height - r0) // rs)), max(0, -(-(width - c0) // cs)))
+        for r0, c0, rs, cs in passes
+    ]
+    expected = sum(h * (1 + w * bpp) for h, w in sizes if h and w)
+    inflater = zlib.decompressobj()
+    raw = inflater.decompress(_png_image_data(path.read_bytes()), expected)
+    if len(raw) < expected:
+        raise ValueError("PNG image data is truncated")
+    out = np.empty((height, width, channels), np.uint16)
+    offset = 0
+    for (r0, c0, rs, cs), (h, w) in zip(passes, sizes, strict=True):
+        if not (h and w):
+            continue
+        size = h * (1 + w * bpp)
+        rows = np.frombuffer(raw, np.uint8, size, offset).reshape(h, 1 + w * bpp)
+        offset += size
+        pixels = _unfilter(rows, bpp).view(">u2").reshape(h, w, channels)
+        out[r0::rs, c0::cs] = pixels
+    return out
+
+
 def read_array(path: str | os.PathLike[str]) -> np.ndarray:
     """The raw pixel array of an image file: (H, W) or (H, W, C), its own dtype."""
     path = Path(path)
@@ -49,6 +162,8 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
             import tifffile
 
             array = np.asarray(tifffile.imread(path))
+        elif (png16 := _png16_header(path)) is not None:
+            array = _read_png16(path, *png16)
         else:
             with Image.open(path) as img:
                 if img.mode == "P":
@@ -111,14 +226,6 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     return array > 0
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear (antialiased when shrinking) resize of (B, C, H, W) to ``size``."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
-    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-
-
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a bool mask: a pixel is defective when at least half its area is."""
     if mask.shape == tuple(size):
@@ -127,20 +234,6 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     shrink = size[0] < mask.shape[0] or size[1] < mask.shape[1]
     mode = "area" if shrink else "nearest"
     return (F.interpolate(t, size=size, mode=mode)[0, 0] >= 0.5).numpy()
-
-
-def normalize(images: torch.Tensor, config: Config) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] -> the model's input ``(x - mean) / std``."""
-    mean = torch.tensor(config.mean, dtype=images.dtype, device=images.device)
-    std = torch.tensor(config.std, dtype=images.dtype, device=images.device)
-    return (images - mean[:, None, None]) / std[:, None, None]
-
-
-def prepare(image: np.ndarray, config: Config, source: str = "image") -> torch.Tensor:
-    """One (H, W[, C]) pixel array -> normalized (in_channels, H', W') at the model size."""
-    pixels = to_channels(image, config.in_channels, source)
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-    return normalize(resize_image(tensor, config.image_size), config)[0].contiguous()
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -174,9 +267,34 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a dataset names its folders: ``train/<good>``, ``test/<good>``, ``test/<defect>``
+    and ``ground_truth/<defect>/<stem><mask_suffix>.<png|bmp|tif>``."""
+
+    name: str
+    good: str
+    mask_suffix: str
+
+
+MVTEC_LAYOUT = Layout("MVTec AD", good="good", mask_suffix="_mask")
+BTAD_LAYOUT = Layout("BTAD", good="ok", mask_suffix="")  # defects in test/ko
+LAYOUTS = (MVTEC_LAYOUT, BTAD_LAYOUT)
+#: Test folders that hold good images ("good" in MVTec AD, "ok" in BTAD).
+GOOD_FOLDERS = tuple(layout.good for layout in LAYOUTS)
+_LAYOUT_HINT = "the MVTec AD layout <category>/train/good or the BTAD layout <category>/train/ok"
+
+
+def detect_layout(folder: str | os.PathLike[str]) -> Layout | None:
+    """The layout of a category folder, from its ``train/good`` or ``train/ok``; else None."""
+    folder = Path(folder)
+    return next((lay for lay in LAYOUTS if (folder / "train" / lay.good).is_dir()), None)
+
+
 @dataclass
 class Sample:
-    """One test image with its ground truth (``mask`` is all False for good images)."""
+    """One test image with its ground truth (``mask`` is all False for good images).
+    ``defect_type`` is the name of its folder under ``test/``."""
 
     path: Path
     defect_type: str
@@ -184,72 +302,97 @@ class Sample:
 
     @property
     def is_defective(self) -> bool:
-        return self.defect_type != "good"
+        return self.defect_type not in GOOD_FOLDERS
 
 
 @dataclass
 class CategoryFolder:
-    """An MVTec-AD-layout category: train/good, test/<type>, ground_truth/<type>."""
+    """A dataset category: train/<good>, test/<good | defect>, ground_truth/<defect>."""
 
     root: Path
     train: list[Path] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
+    layout: Layout = MVTEC_LAYOUT
 
     @property
     def name(self) -> str:
         return self.root.name
 
 
-def _mask_for(root: Path, defect_type: str, image: Path) -> Path:
+def _mask_for(root: Path, defect_type: str, image: Path, layout: Layout) -> Path:
     folder = root / "ground_truth" / defect_type
-    for suffix in (image.suffix, ".png", ".bmp", ".tif", ".tiff"):
+    for suffix in dict.fromkeys((image.suffix, ".png", ".bmp", ".tif", ".tiff")):
         for stem in (f"{image.stem}_mask", image.stem):
             candidate = folder / f"{stem}{suffix}"
             if candidate.is_file():
                 return candidate
-    raise DataError(f"{folder}: no mask for test image {image} (expected {image.stem}_mask.png)")
+    expected = f"{image.stem}{layout.mask_suffix}.png"
+    raise DataError(f"{folder}: no mask for test image {image} (expected {expected})")
 
 
 def open_category(root: str | os.PathLike[str], *, need_test: bool = True) -> CategoryFolder:
-    """Read an MVTec-AD-layout category folder; errors name the missing part."""
+    """Read an MVTec AD or BTAD category folder (the layout is detected from the folder
+    names); errors name the missing part."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such dataset folder")
-    train_dir = root / "train" / "good"
-    if not train_dir.is_dir():
-        raise DataError(f"{train_dir}: missing; expected the MVTec layout <category>/train/good")
-    category = CategoryFolder(root=root, train=list_images(train_dir))
+    layout = detect_layout(root)
+    if layout is None:
+        raise DataError(f"{root / 'train' / 'good'}: missing; expected {_LAYOUT_HINT}")
+    train_dir = root / "train" / layout.good
+    category = CategoryFolder(root=root, train=list_images(train_dir), layout=layout)
     if not category.train:
         raise DataError(f"{train_dir}: holds no images")
     test_dir = root / "test"
     if not test_dir.is_dir():
         if need_test:
-            raise DataError(f"{test_dir}: missing; expected <category>/test/<good|defect type>")
+            raise DataError(
+                f"{test_dir}: missing; expected <category>/test/<{layout.good}|defect type>"
+            )
         return category
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        good = type_dir.name in GOOD_FOLDERS
         for image in list_images(type_dir):
-            mask = None if type_dir.name == "good" else _mask_for(root, type_dir.name, image)
+            mask = None if good else _mask_for(root, type_dir.name, image, layout)
             category.test.append(Sample(image, type_dir.name, mask))
     if need_test and not category.test:
         raise DataError(f"{test_dir}: holds no test images")
     return category
 
 
+def find_categories(root: str | os.PathLike[str]) -> list[Path]:
+    """The category folders of a dataset root (MVTec AD's 15, BTAD's 01, 02, 03), sorted by
+    name; a category folder itself gives ``[root]``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such dataset folder")
+    if detect_layout(root) is not None:
+        return [root]
+    found = sorted(p for p in root.iterdir() if p.is_dir() and detect_layout(p) is not None)
+    if not found:
+        raise DataError(
+            f"{root}: no dataset categories found; expected category folders in {_LAYOUT_HINT}"
+        )
+    return found
+
+
 def training_images(source: str | os.PathLike[str]) -> list[Path]:
-    """Good training images from an MVTec-layout category (train/good) or a plain folder."""
+    """Good training images of a category (train/good or train/ok) or a plain folder."""
     path = Path(source)
-    if (path / "train" / "good").is_dir():
+    if detect_layout(path) is not None:
         return open_category(path, need_test=False).train
     images = list_images(path)
     if not images:
-        raise DataError(f"{path}: holds no images and no train/good folder")
+        raise DataError(f"{path}: holds no images and no train/good or train/ok folder")
     return images
 
 
 def load_stack(
     items: Iterable[str | os.PathLike[str] | np.ndarray], config: Config, *, progress: bool = False
 ) -> torch.Tensor:
-    """Read and prepare images (paths or arrays) into one (N, C, H, W) float32 tensor."""
+    """Read images (paths or arrays) and prepare them as the model expects
+    (:func:`pyramidflow.preprocess.prepare`) into one (N, C, H, W) float32 tensor."""
+    from .preprocess import prepare  # preprocess builds on this module
     from .progress import progress_bar
 
     items = list(items)

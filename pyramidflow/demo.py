@@ -8,10 +8,7 @@ augmentation; the object category none.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import data
+from . import data, preprocess
 from .api import Detector, Evaluation
+from .benchmark import CategoryJob, run_categories
 from .config import Config
 from .synthetic import DEMO_CATEGORIES, TEXTURE_CATEGORIES, generate_demo_dataset
 from .viz import colorize, overlay
@@ -36,7 +34,6 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 #: Images the generator writes at; the demo models resize them to ``image_size``.
 DEMO_DATA_SIZE = 128
-REPORTED_METRICS = ("pixel_auroc", "image_auroc", "aupro", "aupro_full_range")
 
 
 def demo_config(category: str, **overrides: Any) -> Config:
@@ -46,21 +43,19 @@ def demo_config(category: str, **overrides: Any) -> Config:
     return Config(**settings)
 
 
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def write_overlays(evaluation: Evaluation, folder: Path, config: Config) -> None:
-    """One PNG per test image: the image (model size) blended with its anomaly heatmap,
-    all on one colour scale per category so that images can be compared."""
+def write_overlays(evaluation: Evaluation, folder: Path) -> None:
+    """One PNG per test image: the image blended with its anomaly heatmap at the map's
+    resolution (the one metrics were computed at), all on one colour scale per category so
+    that images can be compared. Each image is read once, for the background."""
     folder.mkdir(parents=True, exist_ok=True)
     vmin, vmax = np.percentile(evaluation.maps, [1.0, 99.9])
     for sample, amap in zip(evaluation.samples, evaluation.maps, strict=True):
-        pixels = data.read_image(sample.path, config.in_channels)
+        array = data.read_array(sample.path)
+        colour = preprocess.array_channels(array) == 3
+        pixels = data.to_channels(array, 3 if colour else 1, str(sample.path))
         tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-        small = data.resize_image(tensor, config.image_size)[0].permute(1, 2, 0)
-        picture = overlay(small.numpy(), colorize(amap, vmin, vmax))
+        background = preprocess.resize(tensor, amap.shape)[0].permute(1, 2, 0).numpy()
+        picture = overlay(background, colorize(amap, vmin, vmax))
         Image.fromarray(picture).save(folder / f"{sample.defect_type}_{sample.path.stem}.png")
 
 
@@ -81,34 +76,28 @@ def run_demo(
     the metrics dict that was written."""
     out = Path(out)
     data_root = Path(data_dir) if data_dir is not None else out / "data"
-    start = time.perf_counter()
     generator_options = {"size": DEMO_DATA_SIZE, **(dataset_options or {})}
     generate_demo_dataset(data_root, categories=categories, **generator_options)
-    results: dict[str, dict[str, float]] = {}
-    for category in categories:
-        config = demo_config(category, **(overrides or {}))
-        tick = time.perf_counter()
-        detector = Detector(config, device=device).fit(data_root / category, progress=progress)
-        evaluation = detector.evaluate(data_root / category, progress=progress)
-        target = out / category
-        target.mkdir(parents=True, exist_ok=True)
-        detector.save(target / "model.safetensors")
-        write_overlays(evaluation, target / "overlays", config)
-        row = {k: evaluation.metrics[k] for k in REPORTED_METRICS}
-        row["seconds"] = round(time.perf_counter() - tick, 2)
-        results[category] = row
-        log(
-            f"{category:<8} pixel AUROC {row['pixel_auroc']:.4f}  image AUROC "
-            f"{row['image_auroc']:.4f}  AUPRO@0.3 {row['aupro']:.4f}  ({row['seconds']:.0f} s)"
+    jobs = [
+        CategoryJob(
+            category,
+            data_root / category,
+            demo_config(category, **(overrides or {})),
+            out / category / "model.safetensors",
         )
-    summary = {
-        "categories": results,
-        "mean": {k: _mean([r[k] for r in results.values()]) for k in REPORTED_METRICS},
-        "config": {**DEMO_SETTINGS, **(overrides or {})},
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / "metrics.json")
-    return summary
+        for category in categories
+    ]
+
+    def overlays(job: CategoryJob, detector: Detector, evaluation: Evaluation) -> None:
+        write_overlays(evaluation, out / job.name / "overlays")
+
+    return run_categories(
+        jobs,
+        out / "metrics.json",
+        retrain=True,
+        info={"config": {**DEMO_SETTINGS, **(overrides or {})}},
+        device=device,
+        progress=progress,
+        log=log,
+        after=overlays,
+    )

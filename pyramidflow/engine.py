@@ -82,6 +82,18 @@ def _fingerprint(images: torch.Tensor) -> str:
     return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()[:32]}"
 
 
+@dataclass
+class _Position:
+    """Where training stands: ``epoch`` epochs completed, then ``batch`` batches of the
+    next one (summing to ``loss_sum``), whose order was drawn from the generator state
+    ``epoch_start``."""
+
+    epoch: int
+    batch: int
+    loss_sum: float
+    epoch_start: torch.Tensor
+
+
 # Config fields a resume may change: they do not change what is computed (epochs only
 # says where to stop; memory/backend change rounding, not the result).
 _RESUMABLE_CHANGES = frozenset({"epochs", "memory", "backend", "category", "extra"})
@@ -95,7 +107,7 @@ def _save_state(
     generator: torch.Generator,
     config: Config,
     report: TrainReport,
-    epoch: int,
+    position: _Position,
     fingerprint: str,
     pair_groups: int,
     world: int,
@@ -110,13 +122,16 @@ def _save_state(
             else:
                 scalars.setdefault(str(index), {})[key] = value
     tensors["rng.generator"] = generator.get_state()
+    tensors["rng.epoch_start"] = position.epoch_start
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = cuda_state
     info = {
         "kind": TRAINING_STATE,
-        "epoch": epoch,
+        "epoch": position.epoch,
+        "batch": position.batch,
+        "epoch_loss_sum": position.loss_sum,
         "step": report.steps,
         "epoch_losses": report.epoch_losses,
         "seconds": report.seconds,
@@ -146,8 +161,8 @@ def _load_state(
     fingerprint: str,
     pair_groups: int,
     world: int,
-) -> int:
-    """Restore a training state; returns the number of completed epochs."""
+) -> _Position:
+    """Restore a training state; returns where it stopped."""
     saved = load_checkpoint(path)
     info = saved.info
     if info.get("kind") != TRAINING_STATE:
@@ -202,7 +217,13 @@ def _load_state(
     report.steps = int(info["step"])
     report.seconds = float(info["seconds"])
     report.start_epoch = int(info["epoch"])
-    return report.start_epoch
+    epoch_start = saved.extra_tensors.get("rng.epoch_start", saved.extra_tensors["rng.generator"])
+    return _Position(
+        report.start_epoch,
+        int(info.get("batch", 0)),
+        float(info.get("epoch_loss_sum", 0.0)),
+        epoch_start,
+    )
 
 
 def train(
@@ -216,6 +237,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     checkpoint_path: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 1,
+    checkpoint_every_steps: int | None = None,
     resume: bool = False,
     pair_groups: int = 1,
     distributed: bool | None = None,
@@ -225,13 +247,17 @@ def train(
     Deterministic for a given ``config.seed`` (shuffling and augmentation use their own
     generator). Reports the last epoch: nothing here looks at test data.
 
-    ``checkpoint_path``: after every ``checkpoint_every`` epochs and after the last, the
-    whole training state (weights, VN running means, Adam state, epoch, step, generator
-    and torch RNG states, config) is written there atomically. ``resume=True`` continues
-    from that file when it exists (from scratch otherwise) and reaches the same weights as
-    an uninterrupted run; ``config.epochs`` may be raised to train on. A non-finite loss
-    or gradient raises :class:`TrainingError` and leaves the last checkpoint untouched.
-    ``on_step(step, loss)`` is called after every optimizer step (1-based global step).
+    ``checkpoint_path``: after every ``checkpoint_every`` epochs, after the last, and (with
+    ``checkpoint_every_steps``) also after every that many optimizer steps, mid-epoch
+    included, the whole training state (weights, VN running means, Adam state, epoch,
+    position in the epoch, step, generator and torch RNG states, config) is written there
+    atomically. ``resume=True`` continues from that file when it exists (from scratch
+    otherwise) and reaches the same weights as an uninterrupted run; ``config.epochs`` may
+    be raised to train on. A non-finite loss or gradient raises :class:`TrainingError`
+    before the optimizer step and leaves the last checkpoint untouched.
+    ``on_step(step, loss)`` is called after every optimizer step (1-based global step),
+    ``on_epoch(epoch, mean_loss)`` after every epoch (0-based) and its checkpoint; the model
+    is put back in training mode after ``on_epoch`` returns.
 
     ``pair_groups`` > 1 forms Siamese pairs only inside that many consecutive equal parts
     of each batch (the loss is the mean of theirs; VN statistics span the whole batch):
@@ -244,6 +270,8 @@ def train(
         raise ValueError("batch_size must be >= 2: the Siamese loss compares pairs in a batch")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+    if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
+        raise ValueError(f"checkpoint_every_steps must be >= 1 step, got {checkpoint_every_steps}")
     if pair_groups < 1 or config.batch_size % pair_groups or config.batch_size // pair_groups < 2:
         raise ValueError(
             f"pair_groups={pair_groups} must split batch_size={config.batch_size} into equal "
@@ -277,15 +305,16 @@ def train(
     report = TrainReport()
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     fingerprint = _fingerprint(images) if path is not None else ""
-    first_epoch = 0
+    resumed: _Position | None = None
     if resume:
         if path is None:
             raise ValueError("resume=True needs a checkpoint_path")
         if path.is_file():
-            first_epoch = _load_state(
+            resumed = _load_state(
                 path, model, optimizer, generator, config, report, fingerprint, pair_groups, world
             )
             model.to(device).train()
+    first_epoch = resumed.epoch if resumed is not None else 0
     net: torch.nn.Module = model
     cleanup = contextlib.ExitStack()
     if distributed:
@@ -299,11 +328,46 @@ def train(
     start = time.perf_counter() - report.seconds
     n_batches = images.shape[0] // global_size
     remaining = max(config.epochs - first_epoch, 0) * n_batches
+    if resumed is not None and first_epoch < config.epochs:
+        remaining -= resumed.batch
     bar = counter_bar(remaining, "training", enabled=progress and rank == 0)
+
+    def write_state(position: _Position) -> None:
+        assert path is not None
+        report.seconds = time.perf_counter() - start
+        failure: BaseException | None = None
+        if rank == 0:  # one writer; the others wait to hear whether it worked
+            try:
+                _save_state(
+                    path, model, optimizer, generator, config, report, position,
+                    fingerprint, pair_groups, world,
+                )  # fmt: skip
+            except Exception as exc:
+                failure = exc
+        if distributed and dist_tools.any_rank(failure is not None, device):
+            failure = failure or TrainingError(
+                f"rank 0 could not write the training checkpoint {path}"
+            )
+        if failure is not None:
+            raise failure
+
     with cleanup:
         for epoch in range(first_epoch, config.epochs):
-            total = 0.0
-            for index in epoch_batches(images.shape[0], global_size, generator):
+            skip, total = 0, 0.0
+            epoch_start = generator.get_state()
+            if resumed is not None and epoch == resumed.epoch and resumed.batch:
+                # mid-epoch: redraw this epoch's order, then go on with the saved draws
+                skip, total, epoch_start = resumed.batch, resumed.loss_sum, resumed.epoch_start
+                now = generator.get_state()
+                generator.set_state(epoch_start)
+                batches = epoch_batches(images.shape[0], global_size, generator)
+                generator.set_state(now)
+            else:
+                batches = epoch_batches(images.shape[0], global_size, generator)
+            epoch_due = path is not None and (
+                (epoch + 1) % checkpoint_every == 0 or epoch + 1 == config.epochs
+            )
+            for batch_number, index in enumerate(batches[skip:], start=skip + 1):
                 batch = images[index]
                 if config.augment:
                     batch = augment(batch, generator)
@@ -314,19 +378,20 @@ def train(
                 shown = loss.detach()
                 if distributed:
                     shown = dist_tools.all_reduce_mean(shown.clone())
-                value = float(shown)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                # the step's one host synchronization: loss and gradient norm together
+                value, norm_value = torch.stack([shown.float(), norm.float()]).tolist()
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"loss became {value} at epoch {epoch + 1}, step {report.steps + 1}; "
                         "lower the learning rate or check the images for constant or broken "
                         "files"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-                if not math.isfinite(norm):
+                if not math.isfinite(norm_value):
                     raise TrainingError(
-                        f"gradient norm became {norm} at epoch {epoch + 1}, step "
+                        f"gradient norm became {norm_value} at epoch {epoch + 1}, step "
                         f"{report.steps + 1}; lower the learning rate"
                     )
                 optimizer.step()
@@ -334,29 +399,21 @@ def train(
                 report.steps += 1
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}", refresh=False)
+                if (
+                    path is not None
+                    and checkpoint_every_steps is not None
+                    and report.steps % checkpoint_every_steps == 0
+                    and not (batch_number == n_batches and epoch_due)
+                ):
+                    write_state(_Position(epoch, batch_number, total, epoch_start))
                 if on_step is not None:
                     on_step(report.steps, value)
             report.epoch_losses.append(total / n_batches)
-            done = epoch + 1
-            if path is not None and (done % checkpoint_every == 0 or done == config.epochs):
-                report.seconds = time.perf_counter() - start
-                failure: BaseException | None = None
-                if rank == 0:  # one writer; the others wait to hear whether it worked
-                    try:
-                        _save_state(
-                            path, model, optimizer, generator, config, report, done,
-                            fingerprint, pair_groups, world,
-                        )  # fmt: skip
-                    except Exception as exc:
-                        failure = exc
-                if distributed and dist_tools.any_rank(failure is not None, device):
-                    failure = failure or TrainingError(
-                        f"rank 0 could not write the training checkpoint {path}"
-                    )
-                if failure is not None:
-                    raise failure
+            if epoch_due:
+                write_state(_Position(epoch + 1, 0, 0.0, generator.get_state()))
             if on_epoch is not None:
                 on_epoch(epoch, report.epoch_losses[-1])
+                model.train()
     bar.close()
     report.seconds = time.perf_counter() - start
     model.eval()
@@ -417,6 +474,8 @@ def anomaly_maps(
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps (N, H, W) at the model's input size and image scores (N,), on the CPU."""
+    if images.shape[0] == 0:
+        return torch.zeros(0, *images.shape[-2:]), torch.zeros(0)
     model.to(device).eval()
     template = [t.to(device) for t in template]
     maps, scores = [], []

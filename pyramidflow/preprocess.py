@@ -37,6 +37,22 @@ def padded_size(height: int, width: int, levels: int) -> tuple[int, int]:
     return (math.ceil(height / step) * step, math.ceil(width / step) * step)
 
 
+def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (antialiased when shrinking) resize of (B, C, H, W) to ``size``."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(pixels.shape[-2:]) == size:
+        return pixels
+    shrink = size[0] < pixels.shape[-2] or size[1] < pixels.shape[-1]
+    return F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def normalize(pixels: torch.Tensor, config: Config) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> the model's input ``(x - mean) / std``."""
+    mean = torch.tensor(config.mean, dtype=pixels.dtype, device=pixels.device)
+    std = torch.tensor(config.std, dtype=pixels.dtype, device=pixels.device)
+    return (pixels - mean[:, None, None]) / std[:, None, None]
+
+
 def _unit_tensor(array: np.ndarray, channels: int, source: str) -> torch.Tensor:
     pixels = data.to_channels(array, channels, source)
     return torch.from_numpy(pixels).permute(2, 0, 1)[None]
@@ -46,7 +62,7 @@ def to_geometry(pixels: torch.Tensor, config: Config, source: str) -> torch.Tens
     """(1, C, h, w) in [0, 1] -> (1, C, H, W) at the model size: resized, or padded by edge
     replication (``geometry="native"``)."""
     if config.geometry == "resize":
-        return data.resize_image(pixels, config.image_size)
+        return resize(pixels, config.image_size)
     height, width = pixels.shape[-2:]
     target_h, target_w = config.image_size
     if height > target_h or width > target_w:
@@ -62,7 +78,7 @@ def to_geometry(pixels: torch.Tensor, config: Config, source: str) -> torch.Tens
 def prepare(array: np.ndarray, config: Config, source: str = "image") -> torch.Tensor:
     """One pixel array -> the normalized model input (C, H, W)."""
     pixels = to_geometry(_unit_tensor(array, config.in_channels, source), config, source)
-    return data.normalize(pixels, config)[0].contiguous()
+    return normalize(pixels, config)[0].contiguous()
 
 
 def restore_map(amap: torch.Tensor, original: tuple[int, int], config: Config) -> np.ndarray:

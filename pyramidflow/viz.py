@@ -1,4 +1,4 @@
-"""Pictures of results: colour heatmaps and overlays as uint8 RGB arrays."""
+"""Pictures of results: colour heatmaps, overlays and masks as uint8 arrays."""
 
 from __future__ import annotations
 
@@ -21,14 +21,63 @@ _ANCHORS = np.array(
 
 
 def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """(H, W) values -> (H, W, 3) uint8 colours, ``vmin`` dark, ``vmax`` bright."""
+    """(H, W) values -> (H, W, 3) uint8 colours, ``vmin`` dark, ``vmax`` bright.
+
+    Non-finite values are shown as ``vmax`` (a NaN in a map is worth looking at)."""
     span = max(float(vmax) - float(vmin), 1e-12)
-    t = np.clip((np.asarray(values, dtype=np.float32) - vmin) / span, 0.0, 1.0)
+    values = np.asarray(values, dtype=np.float32)
+    t = np.clip((values - vmin) / span, 0.0, 1.0)
+    t = np.where(np.isfinite(t), t, 1.0)
     pos = t * (len(_ANCHORS) - 1)
     low = np.floor(pos).astype(np.int64).clip(0, len(_ANCHORS) - 2)
     frac = (pos - low)[..., None]
     rgb = _ANCHORS[low] * (1.0 - frac) + _ANCHORS[low + 1] * frac
     return rgb.round().astype(np.uint8)
+
+
+def heat_range(amap: np.ndarray, threshold: float | None) -> tuple[float, float]:
+    """The colour scale of one map's heatmap.
+
+    With a threshold the scale is fixed, ``[0, 2 * threshold]``: the threshold sits mid-scale
+    and a good image looks equally calm in every overlay. Without one it is the map's own
+    ``[0, 99.9th percentile]``, so every image uses the full colour range.
+    """
+    if threshold is not None and np.isfinite(threshold) and threshold > 0:
+        return 0.0, 2.0 * float(threshold)
+    finite = np.asarray(amap, dtype=np.float32)
+    finite = finite[np.isfinite(finite)]
+    top = float(np.percentile(finite, 99.9)) if finite.size else 1.0
+    return 0.0, max(top, 1e-12)
+
+
+def to_display(pixels: np.ndarray) -> np.ndarray:
+    """Any pixel array (H, W[, C]; uint8, uint16, float, ...) -> uint8 RGB (H, W, 3).
+
+    8-bit images are shown as they are; other types are contrast-stretched between their
+    0.5th and 99.5th percentiles (12-bit data in 16-bit files would look black otherwise).
+    Alpha is dropped, gray is repeated; images with other channel counts show channel 0.
+    """
+    array = np.asarray(pixels)
+    if array.ndim == 3:
+        channels = array.shape[2]
+        if channels in (2, 4):
+            array = array[..., : channels - 1]  # drop alpha
+        elif channels not in (1, 3):
+            array = array[..., :1]
+        if array.shape[2] == 1:
+            array = array[..., 0]
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8:
+        values = array.astype(np.float32)
+        finite = values[np.isfinite(values)]
+        low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+        span = max(float(high) - float(low), 1e-12)
+        scaled = np.nan_to_num((values - low) / span, nan=0.0, posinf=1.0, neginf=0.0)
+        array = (np.clip(scaled, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return np.ascontiguousarray(array)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -42,3 +91,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
         img = np.repeat(img, 3, axis=2)
     img = img[..., :3].astype(np.float32)
     return (img * (1.0 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def mask_image(mask: np.ndarray) -> np.ndarray:
+    """A boolean (H, W) mask -> uint8 (H, W): 255 where true, 0 elsewhere."""
+    return np.where(np.asarray(mask, dtype=bool), np.uint8(255), np.uint8(0))

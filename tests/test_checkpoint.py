@@ -95,7 +95,7 @@ def test_save_overwrites_atomically_and_cleans_up_on_failure(
     def broken_fsync(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("pyramidflow.checkpoint.os.fsync", broken_fsync)
+    monkeypatch.setattr("pyramidflow.atomic.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, second)
     assert path.read_bytes() == before

@@ -79,7 +79,10 @@ OPTIONS = {
         "--channels", "--kernel-size", "--volume-norm", "--epochs", "--batch-size", "--lr",
         "--augment", "--seed", "--memory", "--backend", "--device", "--no-progress",
     ],
-    "predict": ["--out", "--overwrite", "--device", "--no-progress"],
+    "predict": [
+        "--out", "--overwrite", "--resume", "--batch-size", "--no-report", "--device",
+        "--no-progress",
+    ],
     "evaluate": ["--json", "--overwrite", "--device", "--no-progress"],
     "import-reference": ["--out", "--allow-pickle", "--image-size", "--overwrite"],
 }  # fmt: skip

@@ -4,16 +4,17 @@ resizing, normalization, input expansion and the MVTec-AD folder layout."""
 from __future__ import annotations
 
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 from pyramidflow import data
-from pyramidflow.config import IMAGENET_MEAN, IMAGENET_STD, Config
+from pyramidflow.config import Config
 from pyramidflow.errors import DataError
 from pyramidflow.synthetic import DEFECT_TYPES, generate_category
 
@@ -69,6 +70,96 @@ def test_png_gray_16bit_keeps_16bit_precision(tmp_path: Path) -> None:
     assert image[0, 0] == pytest.approx(1001 / 65535, rel=1e-6)
     assert image[1, 0] == pytest.approx(1.0)
     assert image[0, 0] > image[2, 2]
+
+
+def _png16(pixels: np.ndarray, filters: tuple[int, ...] = (0,), interlace: bool = False) -> bytes:
+    """A 16-bit PNG of uint16 (H, W[, C]) pixels, encoded plainly from the PNG spec: row r
+    of each pass uses filter ``filters[r % len(filters)]`` (0 None, 1 Sub, 2 Up, 3 Average,
+    4 Paeth); ``interlace`` writes the 7 Adam7 passes."""
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    height, width, channels = pixels.shape
+    bpp = 2 * channels
+
+    def paeth(a: int, b: int, c: int) -> int:
+        p = a + b - c
+        pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+        return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+    def filtered(image: np.ndarray) -> bytes:
+        out, above = bytearray(), bytes(image.shape[1] * bpp)
+        for r in range(image.shape[0]):
+            row, kind = image[r].astype(">u2").tobytes(), filters[r % len(filters)]
+            out.append(kind)
+            for i, x in enumerate(row):
+                a = row[i - bpp] if i >= bpp else 0
+                c = above[i - bpp] if i >= bpp else 0
+                guess = (0, a, above[i], (a + above[i]) // 2, paeth(a, above[i], c))[kind]
+                out.append((x - guess) % 256)
+            above = row
+        return bytes(out)
+
+    passes = [(0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
+              (1, 0, 2, 1)] if interlace else [(0, 0, 1, 1)]  # fmt: skip
+    subimages = [pixels[r0::rs, c0::cs] for r0, c0, rs, cs in passes]
+    raw = b"".join(filtered(sub) for sub in subimages if sub.size)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, int(interlace))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels", [3, 4, 2])
+def test_png_16bit_colour_keeps_every_bit(tmp_path: Path, channels: int) -> None:
+    pixels = RNG.integers(256, 65536, (6, 9, channels), dtype=np.uint16)
+    path = tmp_path / "colour16.png"
+    path.write_bytes(_png16(pixels))
+    raw = data.read_array(path)
+    assert raw.dtype == np.uint16 and raw.shape == (6, 9, channels)
+    np.testing.assert_array_equal(raw, pixels)
+    nudged = pixels.copy()
+    nudged[2, 3, channels - 1] ^= 1  # the low byte only: lost by any 8-bit reading
+    path.write_bytes(_png16(nudged))
+    changed = data.read_array(path) != raw
+    assert changed.sum() == 1 and changed[2, 3, channels - 1]
+    colour = data.read_image(path, channels=3 if channels >= 3 else 1)
+    np.testing.assert_allclose(colour[2, 3, 0], nudged[2, 3, 0] / 65535.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("interlace", [False, True], ids=["sequential", "adam7"])
+@pytest.mark.parametrize("filters", [(1,), (2,), (3,), (4,), (4, 0, 3, 1, 2)])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_png_16bit_row_filters_and_interlacing(
+    tmp_path: Path, channels: int, filters: tuple[int, ...], interlace: bool
+) -> None:
+    """Every bit comes back, and the high bytes match Pillow's own (8-bit) decoding."""
+    pixels = RNG.integers(0, 65536, (13, 11, channels), dtype=np.uint16)
+    path = tmp_path / "filtered16.png"
+    path.write_bytes(_png16(pixels, filters, interlace))
+    raw = data.read_array(path)
+    np.testing.assert_array_equal(raw.reshape(pixels.shape), pixels)
+    if channels > 1:
+        with Image.open(path) as img:
+            np.testing.assert_array_equal(np.asarray(img), pixels >> 8)
+
+
+def test_damaged_16bit_colour_png_is_a_data_error(tmp_path: Path) -> None:
+    content = _png16(RNG.integers(0, 65536, (16, 16, 3), dtype=np.uint16))
+    cut, flipped = tmp_path / "cut16.png", tmp_path / "crc16.png"
+    cut.write_bytes(content[: len(content) // 2])
+    flipped.write_bytes(content[:60] + bytes([content[60] ^ 0xFF]) + content[61:])
+    for path in (cut, flipped):
+        with pytest.raises(DataError, match=path.name) as info:
+            data.read_array(path)
+        assert "\n" not in str(info.value)
 
 
 def test_jpeg_reads_close_to_the_original(tmp_path: Path) -> None:
@@ -252,37 +343,7 @@ def test_resize_mask_enlarging_is_nearest() -> None:
     assert data.resize_mask(mask, (2, 2)) is mask
 
 
-# -- preprocessing ---------------------------------------------------------------------------
-
-
-def test_prepare_gives_normalized_chw_at_the_model_size() -> None:
-    config = Config(image_size=32, levels=3, stacks=1, channels=8)
-    colour = np.array([10, 128, 250], np.uint8)
-    image = np.broadcast_to(colour, (40, 56, 3)).copy()
-    tensor = data.prepare(image, config)
-    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
-    assert tuple(tensor.shape) == (3, 32, 32)
-    expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    for c in range(3):
-        np.testing.assert_allclose(tensor[c].numpy(), expected[c], atol=1e-5)
-
-
-def test_prepare_non_square_size_and_gray_input() -> None:
-    config = Config(image_size=(32, 48), levels=3, stacks=1, channels=8)
-    tensor = data.prepare(np.full((20, 30), 0.5, np.float32), config)
-    assert tuple(tensor.shape) == (3, 32, 48)
-    np.testing.assert_allclose(
-        tensor[:, 0, 0].numpy(), (0.5 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-5
-    )
-
-
-def test_prepare_preserves_layout_when_resizing() -> None:
-    """The bright left half stays on the left after resizing (no transposition)."""
-    config = Config(image_size=32, levels=3, stacks=1, channels=8)
-    image = np.zeros((64, 96, 3), np.uint8)
-    image[:, :48] = 255
-    tensor = data.prepare(image, config)
-    assert tensor[:, :, :12].mean() > tensor[:, :, 20:].mean() + 1.0
+# -- stacks ----------------------------------------------------------------------------------
 
 
 def test_load_stack_mixes_paths_and_arrays(tmp_path: Path) -> None:
@@ -414,3 +475,74 @@ def test_training_images_plain_folder(loose_images: Path, tmp_path: Path) -> Non
         data.training_images(empty)
     with pytest.raises(DataError, match="not_there"):
         data.training_images(tmp_path / "not_there")
+
+
+# -- BTAD layout and dataset roots -----------------------------------------------------------
+
+
+def _btad_category(root: Path, name: str = "01") -> Path:
+    """A small BTAD-layout category: .bmp images, same-stem .png masks in ground_truth/ko."""
+    category = root / name
+    rng = np.random.default_rng(int(name))
+    for folder, count in (("train/ok", 3), ("test/ok", 2), ("test/ko", 2)):
+        (category / folder).mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(image).save(category / folder / f"{i:04d}.bmp")
+    (category / "ground_truth" / "ko").mkdir(parents=True)
+    for i in range(2):
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:8, 4 + i : 9 + i] = 255
+        Image.fromarray(mask).save(category / "ground_truth" / "ko" / f"{i:04d}.png")
+    return category
+
+
+def test_open_category_reads_the_btad_layout(tmp_path: Path) -> None:
+    folder = data.open_category(_btad_category(tmp_path))
+    assert folder.layout == data.BTAD_LAYOUT
+    assert [p.name for p in folder.train] == ["0000.bmp", "0001.bmp", "0002.bmp"]
+    good = [s for s in folder.test if not s.is_defective]
+    bad = [s for s in folder.test if s.is_defective]
+    assert len(good) == 2 and all(s.mask_path is None for s in good)
+    assert len(bad) == 2 and {s.defect_type for s in bad} == {"ko"}
+    for sample in bad:
+        assert (
+            sample.mask_path == tmp_path / "01" / "ground_truth" / "ko" / f"{sample.path.stem}.png"
+        )
+        assert data.read_mask(sample.mask_path).sum() == 20
+    assert data.training_images(tmp_path / "01") == folder.train
+
+
+def test_btad_missing_mask_and_missing_train_name_the_folder(tmp_path: Path) -> None:
+    category = _btad_category(tmp_path)
+    (category / "ground_truth" / "ko" / "0001.png").unlink()
+    with pytest.raises(DataError) as info:
+        data.open_category(category)
+    assert str(category / "ground_truth" / "ko") in str(info.value)
+    assert "0001.png" in str(info.value)
+    shutil.rmtree(category / "train" / "ok")
+    with pytest.raises(DataError) as info:
+        data.open_category(category)
+    message = str(info.value)
+    assert str(category / "train" / "good") in message and "train/ok" in message
+
+
+def test_find_categories_of_roots_and_of_a_category(category_source: Path, tmp_path: Path) -> None:
+    btad = tmp_path / "btad"
+    for name in ("03", "01", "02"):
+        _btad_category(btad, name)
+    (btad / "readme.txt").write_text("not a category")
+    (btad / "scratch").mkdir()  # a folder without train/ok is not a category
+    assert [p.name for p in data.find_categories(btad)] == ["01", "02", "03"]
+    assert data.find_categories(btad / "02") == [btad / "02"]
+    mvtec = category_source.parent
+    assert data.find_categories(mvtec) == [category_source]
+
+
+def test_find_categories_errors_name_the_root(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_root"
+    (empty / "bottle" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="empty_root: no dataset categories found"):
+        data.find_categories(empty)
+    with pytest.raises(DataError, match="missing_root: no such dataset folder"):
+        data.find_categories(tmp_path / "missing_root")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +82,27 @@ def test_training_refuses_unusable_settings() -> None:
     broken[0, 0, 0, 0] = float("nan")
     with pytest.raises(TrainingError, match="loss became nan"):
         engine.train(model, broken, Config(**TINY))
+
+
+def test_a_training_step_reads_one_value_back_to_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loss and gradient norm come back together: one synchronization per step."""
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if "pyramidflow" in sys._getframe(1).f_code.co_filename:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    config = Config(**{**TINY, "epochs": 2, "augment": False})
+    torch.manual_seed(0)
+    report = engine.train(PyramidFlow(config), _images(6), config)
+    monkeypatch.undo()
+    assert report.steps == 6 and len(reads) == report.steps, reads
 
 
 def test_template_is_the_eval_mean_of_training_latents() -> None:

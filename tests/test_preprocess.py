@@ -11,9 +11,11 @@ import tifffile
 import torch
 from PIL import Image
 
-from pyramidflow import Config, Detector
+from pyramidflow import Config, Detector, data
+from pyramidflow.cli import main
+from pyramidflow.config import IMAGENET_MEAN, IMAGENET_STD
 from pyramidflow.errors import DataError
-from pyramidflow.preprocess import padded_size, restore_map
+from pyramidflow.preprocess import padded_size, prepare, restore_map
 from pyramidflow.report import ReportItem, write_report
 from pyramidflow.synthetic import generate_category
 
@@ -31,6 +33,36 @@ def _textures(n: int, shape: tuple[int, ...], scale: float, seed: int = 0) -> li
             img = np.stack([img * f for f in (1.0, 0.9, 0.8)[: shape[2]]], axis=2)
         out.append(np.clip(img, 0, 1) * scale)
     return out
+
+
+def test_prepare_gives_normalized_chw_at_the_model_size() -> None:
+    config = Config(image_size=32, levels=3, stacks=1, channels=8)
+    colour = np.array([10, 128, 250], np.uint8)
+    image = np.broadcast_to(colour, (40, 56, 3)).copy()
+    tensor = prepare(image, config)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+    assert tuple(tensor.shape) == (3, 32, 32)
+    expected = (colour / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    for c in range(3):
+        np.testing.assert_allclose(tensor[c].numpy(), expected[c], atol=1e-5)
+
+
+def test_prepare_non_square_size_and_gray_input() -> None:
+    config = Config(image_size=(32, 48), levels=3, stacks=1, channels=8)
+    tensor = prepare(np.full((20, 30), 0.5, np.float32), config)
+    assert tuple(tensor.shape) == (3, 32, 48)
+    np.testing.assert_allclose(
+        tensor[:, 0, 0].numpy(), (0.5 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-5
+    )
+
+
+def test_prepare_preserves_layout_when_resizing() -> None:
+    """The bright left half stays on the left after resizing (no transposition)."""
+    config = Config(image_size=32, levels=3, stacks=1, channels=8)
+    image = np.zeros((64, 96, 3), np.uint8)
+    image[:, :48] = 255
+    tensor = prepare(image, config)
+    assert tensor[:, :, :12].mean() > tensor[:, :, 20:].mean() + 1.0
 
 
 def test_gray_images_get_a_one_channel_model_with_their_own_statistics() -> None:
@@ -85,6 +117,39 @@ def test_native_geometry_pads_and_crops() -> None:
     assert np.array_equal(restore_map(amap, (30, 45), det.config), amap[:30, :45].numpy())
 
 
+def test_load_stack_and_check_use_native_geometry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A native-size model gets its images padded, not resized, by load_stack and by the
+    ``check`` command, as in training and prediction."""
+    arrays = [a.astype(np.uint8) for a in _textures(6, (30, 45, 3), 255)]
+    det = Detector(Config(**{**TINY, "geometry": "native"})).fit(arrays)
+    model_path = det.save(tmp_path / "native.safetensors")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, array in enumerate(arrays[:3]):
+        Image.fromarray(array).save(folder / f"{i}.png")
+    stack = data.load_stack(sorted(folder.iterdir()), det.config)
+    assert tuple(stack.shape) == (3, 3, 32, 48)
+    for i in range(3):
+        torch.testing.assert_close(stack[i], prepare(arrays[i], det.config), rtol=0, atol=0)
+    mean, std = (torch.tensor(v)[:, None, None] for v in (det.config.mean, det.config.std))
+    unpadded = torch.from_numpy(arrays[0] / 255.0).permute(2, 0, 1).float()
+    torch.testing.assert_close(stack[0, :, :30, :45], (unpadded - mean) / std)
+    assert torch.equal(stack[0, :, 31, :45], stack[0, :, 29, :45])  # edge replicated
+
+    code = main(["check", str(model_path), str(folder)])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0, lines
+    errors = [float(line.split()[1]) for line in lines[:3]]
+    assert all(e < 1e-4 for e in errors) and lines[3].startswith("0 of 3")
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "too_big.png")
+    assert main(["check", str(model_path), str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "too_big.png" in err and "trained at 32x48" in err and err.count("\n") == 1
+
+
 @pytest.fixture(scope="module")
 def disc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
@@ -121,7 +186,7 @@ def test_report_is_static_and_links_only_local_files(tmp_path: Path) -> None:
     )
     text = page.read_text()
     links = re.findall(r'(?:src|href)="([^"]+)"', text)
-    assert sorted(links) == ["a.png", "b.png"]
+    assert sorted(set(links)) == ["a.png", "b.png"]
     assert all((tmp_path / link).is_file() for link in links)
     assert (
         "<svg" in text

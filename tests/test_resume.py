@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pyramidflow.checkpoint as checkpoint_module
+import pyramidflow.atomic as atomic_module
 from pyramidflow import Config, PyramidFlow, engine
 from pyramidflow.checkpoint import load_checkpoint
 from pyramidflow.errors import TrainingError
@@ -132,7 +132,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(
     path = tmp_path / "state.safetensors"
     engine.train(_model(), _images(), CONFIG.replace(epochs=1), checkpoint_path=path)
     before = path.read_bytes()
-    real_fdopen = os.fdopen
+    real_open = open
 
     class HalfWrite:
         """A file that writes half of what it is given, then fails (disk full)."""
@@ -151,8 +151,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(
             self.handle.write(data[: len(data) // 2])
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(
-        checkpoint_module.os, "fdopen", lambda fd, mode: HalfWrite(real_fdopen(fd, mode))
+    monkeypatch.setattr(  # the module's own name `open` shadows the builtin
+        atomic_module, "open", lambda name, mode: HalfWrite(real_open(name, mode)), raising=False
     )
     with pytest.raises(TrainingError, match="could not write the training checkpoint"):
         engine.train(
@@ -168,12 +168,40 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(
     _assert_same(_state(model), straight[2][0])
 
 
+def test_step_checkpoints_resume_in_the_middle_of_an_epoch(straight, tmp_path: Path) -> None:
+    path = tmp_path / "state.safetensors"
+
+    class StopError(Exception):
+        pass
+
+    def stop_at_step_5(step: int, loss: float) -> None:
+        if step == 5:
+            raise StopError
+
+    with pytest.raises(StopError):
+        engine.train(
+            _model(), _images(), CONFIG, checkpoint_path=path, checkpoint_every_steps=2,
+            on_step=stop_at_step_5,
+        )  # fmt: skip
+    info = load_checkpoint(path).info
+    assert (info["epoch"], info["batch"], info["step"]) == (1, 1, 4)  # 3 steps per epoch
+
+    fresh = _model(seed=11)
+    report = engine.train(
+        fresh, _images(), CONFIG, checkpoint_path=path, checkpoint_every_steps=2, resume=True
+    )
+    _assert_same(_state(fresh), straight[3][0])
+    assert report.epoch_losses == straight[3][1].epoch_losses and report.steps == 9
+    with pytest.raises(ValueError, match="checkpoint_every_steps must be >= 1"):
+        engine.train(_model(), _images(), CONFIG, checkpoint_path=path, checkpoint_every_steps=0)
+
+
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     import torch
     from safetensors.torch import save_file
-    import pyramidflow.checkpoint
+    import pyramidflow.atomic
     from pyramidflow import Config, PyramidFlow, engine
 
     path, kill_at_step, die_in_save, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -188,7 +216,7 @@ SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a hard kill
 
     if die_in_save == "yes":  # the temporary file is written, the process dies before rename
-        pyramidflow.checkpoint.os.replace = lambda *args: os._exit(3)
+        pyramidflow.atomic.os.replace = lambda *args: os._exit(3)
     engine.train(model, images, config, checkpoint_path=path, resume=True, on_step=on_step)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
     """

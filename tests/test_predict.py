@@ -1,0 +1,434 @@
+"""`pyramidflow predict`: per-image outputs, score tables, report, resume, safe names."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pyramidflow import predict_run
+from pyramidflow.api import Detector
+from pyramidflow.cli import main
+from pyramidflow.config import Config
+from pyramidflow.synthetic import generate_category
+
+COLUMNS = ["file", "score", "decision", "map", "overlay", "mask"]
+SIZES = {"wide": (40, 56), "tall": (48, 24), "gray": (30, 20), "deep": (36, 20)}
+
+
+def run(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of one in-process command (argparse exits count)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def strict_json(path: Path) -> object:
+    """Parse JSON as a strict reader would: NaN / Infinity tokens are errors."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"{path}: non-standard JSON token {token}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """File name -> mtime in ns of every file in ``folder``."""
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYRAMIDFLOW_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("predict_data")
+    return generate_category(
+        root, "disc", size=32, n_train=6, n_test_good=2, n_test_defect_per_type=1
+    )
+
+
+@pytest.fixture(scope="module")
+def model(category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = Config(image_size=32, levels=2, stacks=1, channels=4, kernel_size=3, epochs=1)
+    detector = Detector(config.replace(batch_size=2)).fit(category)
+    assert detector.threshold is not None
+    return detector.save(tmp_path_factory.mktemp("predict_model") / "disc.safetensors")
+
+
+@pytest.fixture(scope="module")
+def model_without_threshold(model: Path) -> Path:
+    """The same weights without a threshold, as an imported reference model has."""
+    detector = Detector.load(model)
+    detector.threshold = None
+    detector.info = {k: v for k, v in detector.info.items() if k != "threshold"}
+    return detector.save(model.with_name("no_threshold.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Non-square images of several sizes and pixel types."""
+    folder = tmp_path_factory.mktemp("predict_inputs")
+    rng = np.random.default_rng(7)
+    for name in ("wide", "tall"):
+        h, w = SIZES[name]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            folder / f"{name}.png"
+        )
+    Image.fromarray(rng.integers(0, 256, SIZES["gray"], dtype=np.uint8)).save(folder / "gray.png")
+    tifffile.imwrite(folder / "deep.tif", rng.integers(0, 65536, SIZES["deep"], dtype=np.uint16))
+    return folder
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+def test_every_image_gets_map_overlay_and_mask_at_its_own_size(
+    model: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = run(["predict", model, inputs, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    threshold = Detector.load(model).threshold
+    assert threshold is not None
+    for name, (h, w) in SIZES.items():
+        amap = tifffile.imread(out / f"{name}_map.tiff")
+        assert amap.dtype == np.float32 and amap.shape == (h, w), name
+        assert np.isfinite(amap).all()
+        with Image.open(out / f"{name}_overlay.png") as picture:
+            assert picture.size == (w, h) and picture.mode == "RGB"
+        with Image.open(out / f"{name}_mask.png") as picture:
+            assert picture.size == (w, h) and picture.mode == "L"
+            mask = np.asarray(picture)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask == 255, amap >= threshold)
+
+    records = strict_json(out / "scores.json")
+    rows = read_csv(out / "scores.csv")
+    assert isinstance(records, list) and len(records) == len(rows) == len(SIZES)
+    assert list(rows[0]) == COLUMNS and all(list(r) == COLUMNS for r in records)
+    for row, record in zip(rows, records, strict=True):
+        assert row["file"] == record["file"] and row["map"] == record["map"]
+        assert float(row["score"]) == pytest.approx(record["score"])
+        expected = "anomalous" if record["score"] >= threshold else "good"
+        assert record["decision"] == row["decision"] == expected
+        for column in ("map", "overlay", "mask"):
+            assert (out / record[column]).is_file()
+    assert "report:" in stdout and (out / "report.html").is_file()
+
+
+def test_model_without_threshold_writes_no_masks_and_empty_decisions(
+    model_without_threshold: Path,
+    inputs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    argv = ["predict", model_without_threshold, inputs, "--out", out, "--no-progress"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert err.count("no threshold") == 1  # said once, not once per image
+    assert not list(out.glob("*_mask.png"))
+    records = strict_json(out / "scores.json")
+    assert isinstance(records, list) and len(records) == len(SIZES)
+    assert all(r["decision"] == "" and r["mask"] == "" for r in records)
+    assert all(r["decision"] == "" for r in read_csv(out / "scores.csv"))
+
+
+def test_tables_write_a_non_finite_score_as_null(tmp_path: Path) -> None:
+    row = {"file": "x.png", "score": None, "decision": "", "map": "x_map.tiff"}
+    predict_run._write_tables(tmp_path, [{**row, "overlay": "x_overlay.png", "mask": ""}])
+    assert strict_json(tmp_path / "scores.json") == [
+        {**row, "overlay": "x_overlay.png", "mask": ""}
+    ]
+    assert read_csv(tmp_path / "scores.csv")[0]["score"] == ""
+
+
+# -- existing outputs, resume -----------------------------------------------------------------
+
+
+def test_existing_results_are_kept_without_resume_or_overwrite(
+    model: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert run(["predict", model, inputs, "--out", out, "--no-progress"], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    code, stdout, err = run(["predict", model, inputs, "--out", out, "--no-progress"], capsys)
+    assert code == 2 and stdout == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyramidflow: error:"), err
+    assert "scores.csv exists" in lines[0] and "--resume" in lines[0]
+    assert "--overwrite" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    code, _, err = run(["predict", model, inputs, "--out", out, "--resume", "--overwrite"], capsys)
+    assert code == 2 and "not allowed with" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # one image's outputs alone (no tables yet) also count as earlier results
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "wide_map.tiff").write_bytes(b"mine")
+    code, _, err = run(["predict", model, inputs, "--out", lone], capsys)
+    assert code == 2 and "wide_map.tiff exists" in err
+    assert (lone / "wide_map.tiff").read_bytes() == b"mine"
+
+    code, _, err = run(
+        ["predict", model, inputs, "--out", out, "--overwrite", "--no-progress"], capsys
+    )
+    assert code == 0, err
+
+
+def test_resume_recomputes_only_what_a_killed_run_left_undone(
+    model: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = ["predict", model, inputs, "--out", out, "--no-progress", "--batch-size", "2"]
+    assert run(argv, capsys)[0] == 0
+    complete = read_csv(out / "scores.csv")
+
+    # a run killed while writing "wide": its outputs and row missing, a torn journal line,
+    # a temporary file, no final tables
+    for name in ("scores.csv", "scores.json", "report.html", "wide_map.tiff", "wide_mask.png"):
+        (out / name).unlink()
+    journal = out / "scores.jsonl"
+    lines = journal.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if '"wide"' not in line]
+    assert len(kept) == len(lines) - 1
+    journal.write_text("\n".join(kept) + '\n{"file": "/x/wide.png", "na', encoding="utf-8")
+    (out / ".wide_overlay.png.abc.pyramidflow-tmp").write_bytes(b"half a file")
+    before = snapshot(out)
+
+    code, stdout, err = run([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert "scored 1 image(s)" in stdout and "3 done earlier" in stdout
+    after = snapshot(out)
+    recomputed = {n for n in before if n in after and after[n] != before[n]}
+    assert recomputed == {"wide_overlay.png", "scores.jsonl"}
+    assert {"wide_map.tiff", "wide_mask.png", "scores.csv", "report.html"} <= set(after)
+    assert not list(out.glob(".*"))  # the stale temporary file is gone
+    resumed = read_csv(out / "scores.csv")
+    assert [r["file"] for r in resumed] == [r["file"] for r in complete]
+    for old, new in zip(complete, resumed, strict=True):
+        assert float(new["score"]) == pytest.approx(float(old["score"]), rel=1e-5)
+    assert len(strict_json(out / "scores.json")) == len(SIZES)  # type: ignore[arg-type]
+
+    # resuming a finished run scores nothing and keeps every image file
+    before = snapshot(out)
+    code, stdout, _ = run([*argv, "--resume"], capsys)
+    assert code == 0 and "scored 0 image(s)" in stdout
+    after = snapshot(out)
+    assert all(after[n] == before[n] for n in before if n.endswith((".tiff", ".png")))
+
+
+def test_resume_refuses_results_of_another_model(
+    model: Path,
+    model_without_threshold: Path,
+    inputs: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    assert run(["predict", model, inputs, "--out", out, "--no-progress"], capsys)[0] == 0
+    argv = ["predict", model_without_threshold, inputs, "--out", out, "--resume"]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and "another model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_images_stream_through_in_batches(
+    model: Path, inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch's files and journal rows are written before the next batch is scored."""
+    detector = Detector.load(model)
+    out = tmp_path / "out"
+    seen: list[tuple[int, int, int]] = []  # (batch size, journal rows, map files) per call
+    score_batch = detector.score_batch
+
+    def spy(images, **kwargs):  # type: ignore[no-untyped-def]
+        journal = out / "scores.jsonl"
+        rows = len(journal.read_text().splitlines()) - 1 if journal.exists() else 0
+        seen.append((images.shape[0], rows, len(list(out.glob("*_map.tiff")))))
+        return score_batch(images, **kwargs)
+
+    monkeypatch.setattr(detector, "score_batch", spy)
+    paths = sorted(inputs.iterdir())
+    summary = predict_run.run_predict(detector, paths, out, batch_size=3)
+    assert seen == [(3, 0, 0), (1, 3, 3)]
+    assert summary.scored == summary.rows == len(paths) and not summary.failed
+
+
+# -- bad files --------------------------------------------------------------------------------
+
+
+def test_corrupt_file_is_skipped_and_the_others_processed(
+    model: Path, category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        shutil.copy(category / "test" / "good" / "000.png", folder / name)
+    (folder / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    out = tmp_path / "out"
+    code, stdout, err = run(["predict", model, folder, "--out", out, "--no-progress"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "b_broken.png" in line] == [
+        line for line in err.splitlines() if line.startswith("pyramidflow: skipped")
+    ]
+    assert "1 failed" in stdout
+    assert [Path(r["file"]).name for r in read_csv(out / "scores.csv")] == ["a.png", "c.png"]
+    assert not list(out.glob("b_broken*"))
+    for name in ("a", "c"):
+        assert all((out / f"{name}{s}").is_file() for s in predict_run.IMAGE_SUFFIXES)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.links += [v for k, v in attrs if k in ("src", "href") and v is not None]
+
+
+def report_links(out: Path) -> list[str]:
+    """Every src/href of ``out/report.html``, checked to be local files that exist."""
+    parser = _Links()
+    parser.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert "script" not in parser.tags and "link" not in parser.tags
+    for link in parser.links:
+        parts = urlsplit(link)
+        assert not parts.scheme and not parts.netloc and not link.startswith("/"), link
+        target = (out / unquote(parts.path)).resolve()
+        assert target.is_file() and target.parent == out.resolve(), link
+    return parser.links
+
+
+def test_report_shows_labelled_histogram_and_links_only_local_files(
+    model: Path, category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code, _, err = run(
+        ["predict", model, f"{category}/test/*/*.png", "--out", out, "--no-progress"], capsys
+    )
+    assert code == 0, err
+    links = report_links(out)
+    rows = read_csv(out / "scores.csv")
+    assert {r["overlay"] for r in rows} <= set(links)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert ">good</text>" in page and ">defective</text>" in page  # labels from test/<type>
+    assert "threshold" in page and "image AUROC" in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+    plain = tmp_path / "plain"
+    code, _, _ = run(
+        ["predict", model, category / "test" / "good", "--out", plain, "--no-report",
+         "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and not (plain / "report.html").exists()
+
+
+# -- names ------------------------------------------------------------------------------------
+
+HOSTILE = [
+    "..%2f...png",
+    "../escape.png",  # inside the folder "..": a stem of its own
+    " spaced  name .png",
+    "日本語 ümlaut.png",
+    ".hidden.png",
+    "-rf.png",
+    "con.png",
+    "new\nline.png",
+    "frag#?&.png",
+    "x" * 200 + ".png",
+    "a/000.png",
+    "b/000.png",
+    "c/A.png",
+    "d/a.png",
+]
+
+
+def test_hostile_file_names_never_write_outside_out(
+    model: Path, category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = category / "test" / "good" / "000.png"
+    src = tmp_path / "src" / "inner"
+    paths = []
+    for name in HOSTILE:
+        path = src / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, path)
+        paths.append(path)
+    out = tmp_path / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    code, _, err = run(["predict", model, *paths, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert written - {out} == set(out.iterdir())  # nothing anywhere but directly in out
+    for path in out.iterdir():
+        assert path.is_file() and not path.is_symlink()
+        assert path.resolve().parent == out.resolve()
+        assert not path.name.startswith((".", "-")) and ".." not in path.name
+        assert len(path.name.encode()) < 120 and "\n" not in path.name
+    rows = read_csv(out / "scores.csv")
+    assert sorted(r["file"] for r in rows) == sorted(str(p) for p in paths)
+    maps = [r["map"] for r in rows]
+    assert len({m.casefold() for m in maps}) == len(paths)  # unique, also on macOS disks
+    assert all((out / m).is_file() for m in maps)
+    report_links(out)
+
+    # the same inputs get the same names (what --resume relies on)
+    assert predict_run.output_names(paths) == [m.removesuffix("_map.tiff") for m in maps]
+
+
+def test_output_replacing_an_input_is_refused(
+    model: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(inputs / "wide.png", folder / "wide.png")
+    Image.open(inputs / "wide.png").save(folder / "wide_overlay.png")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for flag in ("--overwrite", "--resume"):
+        code, _, err = run(["predict", model, folder, "--out", folder, flag], capsys)
+        assert code == 1 and "replace this input" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=300))
+def test_safe_stem_is_always_a_plain_visible_name(text: str) -> None:
+    stem = predict_run.safe_stem(text)
+    assert stem and len(stem) <= predict_run.MAX_NAME_CHARS
+    assert not any(c in stem for c in "/\\\x00\n\r:") and ".." not in stem
+    assert not stem.startswith((".", "-")) and not stem.endswith((".", " "))
+    assert os.path.basename(stem) == stem
