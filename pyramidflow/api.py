@@ -296,8 +296,6 @@ class Detector:
             for i, item in enumerate(items[start : start + batch_size]):
                 if isinstance(item, np.ndarray):
                     name = f"array {start + i}"
-                    if item.ndim in (2, 3) and 0 in item.shape[:2]:
-                        raise DataError(f"{name}: image is empty ({item.shape[0]}x{item.shape[1]})")
                     arrays.append(item)
                 elif isinstance(item, (str, os.PathLike)):
                     name = str(item)

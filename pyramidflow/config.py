@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +21,43 @@ MVTEC_SVN = frozenset({"carpet", "grid", "bottle", "transistor"})
 MVTEC_LEVELS = {"metal_nut": 8, "carpet": 8, "transistor": 8, "screw": 2}
 
 MEMORY_MODES = ("recompute", "store")
+VOLUME_NORMS = ("CVN", "SVN")
+BACKENDS = ("auto", "torch", "triton")
+MAX_LEVELS = 16  # 2^15 px per side at the least: beyond any image
+_INTEGER_FIELDS = ("levels", "stacks", "channels", "kernel_size", "in_channels", "batch_size",
+                   "epochs", "seed")  # fmt: skip
+_REAL_FIELDS = ("clamp", "holdout_fraction", "threshold_quantile", "lr", "eps",
+                "weight_decay", "grad_clip")  # fmt: skip
 GEOMETRIES = ("resize", "native")
 NORMALIZATIONS = ("auto", "imagenet", "dataset", "fixed")
+
+
+def _integer(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int within bounds, else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value: Any, minimum: float | None = None) -> float:
+    """``value`` as a finite float, else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _numbers(name: str, values: Any, kind: Any) -> tuple:
+    """A tuple of validated numbers from a list or tuple (``kind`` is _integer or _real)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list of numbers, got {values!r}")
+    if kind is _integer:
+        return tuple(_integer(name, v, 1) for v in values)
+    return tuple(_real(name, v) for v in values)
 
 
 @dataclass
@@ -68,41 +105,52 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.image_size, int):
+        if isinstance(self.image_size, numbers.Integral) and not isinstance(self.image_size, bool):
             self.image_size = (self.image_size, self.image_size)
-        self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
-        self.mean = tuple(float(v) for v in self.mean)
-        self.std = tuple(float(v) for v in self.std)
-        self.betas = tuple(float(v) for v in self.betas)  # type: ignore[assignment]
+        for name in _INTEGER_FIELDS:  # numpy integers and the like become plain ints
+            setattr(self, name, _integer(name, getattr(self, name), -(2**63)))
+        for name in _REAL_FIELDS:
+            setattr(self, name, _real(name, getattr(self, name)))
+        self.image_size = _numbers("image_size", self.image_size, _integer)  # type: ignore[assignment]
+        self.mean = _numbers("mean", self.mean, _real)
+        self.std = _numbers("std", self.std, _real)
+        self.betas = _numbers("betas", self.betas, _real)  # type: ignore[assignment]
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if self.levels < 2:
-            raise ValueError(f"levels must be >= 2, got {self.levels}")
+        _integer("levels", self.levels, 2, MAX_LEVELS)
         for name in ("stacks", "channels", "in_channels", "batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            _integer(name, getattr(self, name), 1)
+        _integer("seed", self.seed, 0)
+        if _integer("kernel_size", self.kernel_size, 1) % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
-        if self.volume_norm not in ("CVN", "SVN"):
-            raise ValueError(f"volume_norm must be 'CVN' or 'SVN', got {self.volume_norm!r}")
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}"
-            )
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
-        if not 0.0 <= self.holdout_fraction < 1.0:
+        for name in ("clamp", "lr", "eps", "grad_clip"):
+            if _real(name, getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if _real("weight_decay", self.weight_decay) < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {list(self.betas)}")
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be true or false, got {self.augment!r}")
+        if self.category is not None and not isinstance(self.category, str):
+            raise ValueError(f"category must be a name or null, got {self.category!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a JSON object, got {self.extra!r}")
+        for name, allowed in (
+            ("volume_norm", VOLUME_NORMS), ("memory", MEMORY_MODES),
+            ("normalization", NORMALIZATIONS), ("geometry", GEOMETRIES), ("backend", BACKENDS),
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if not 0.0 <= _real("holdout_fraction", self.holdout_fraction) < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        if not 0.0 < self.threshold_quantile <= 1.0:
+        if not 0.0 < _real("threshold_quantile", self.threshold_quantile) <= 1.0:
             raise ValueError(f"threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got {self.backend!r}")
         if len(self.image_size) != 2:
-            raise ValueError(f"image_size must be (height, width), got {self.image_size}")
+            raise ValueError(f"image_size must be (height, width), got {list(self.image_size)}")
         step = 2 ** (self.levels - 1)
         if any(v % step or v < step for v in self.image_size):
             raise ValueError(

@@ -197,6 +197,8 @@ def to_channels(array: np.ndarray, channels: int, source: str = "image") -> np.n
         array = array[:, :, None]
     if array.ndim != 3:
         raise DataError(f"{source}: expected (H, W) or (H, W, C) pixels, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DataError(f"{source}: image is empty ({array.shape[0]}x{array.shape[1]} pixels)")
     have = array.shape[2]
     if have in (2, 4):  # gray + alpha, RGB + alpha
         array = array[:, :, : have - 1]
