@@ -157,6 +157,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train; under ``torchrun`` (WORLD_SIZE > 1) every process trains one share of each
+    global batch with DistributedDataParallel and rank 0 writes the files."""
+    from . import distributed
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        return _train(args, args.device, main_rank=True)
+    backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+    device = distributed.init_from_env(backend)
+    try:
+        return _train(args, device, main_rank=distributed.rank() == 0)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, device: Any, *, main_rank: bool) -> int:
+    from . import distributed
     from .api import Detector
     from .data import training_images
 
@@ -175,18 +192,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{state} holds a saved training run: pass --resume to continue it or "
                 "--overwrite to start over"
             )
-        state.unlink()
+        distributed.barrier()  # every rank has seen the file before rank 0 removes it
+        if main_rank:
+            state.unlink()
     count = len(training_images(args.data))
     args.out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after training
     if count < config.batch_size:
         raise DataError(
             f"{args.data}: {count} training image(s), fewer than one batch of {config.batch_size}"
         )
-    if args.resume and not state.exists():
+    if args.resume and not state.exists() and main_rank:
         print(f"{PROG}: no {state}; training from the start", file=sys.stderr)
 
     def report_epoch(epoch: int, loss: float, metrics: dict[str, float] | None) -> None:
-        if metrics is not None:
+        if metrics is not None and main_rank:
             shown = "  ".join(
                 f"{name} {metrics[name]:.4f}"
                 for name in ("pixel_auroc", "image_auroc", "aupro")
@@ -194,20 +213,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             print(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4g}  {shown}", flush=True)
 
-    detector = Detector(config, device=args.device).fit(
+    detector = Detector(config, device=device).fit(
         args.data,
-        progress=not args.no_progress,
+        progress=not args.no_progress and main_rank,
         checkpoint_path=state,
         resume=args.resume,
         checkpoint_every_steps=args.checkpoint_every,
         eval_data=args.eval_data,
         on_epoch=report_epoch if args.eval_data is not None else None,
     )
-    path = detector.save(args.out)
-    if not args.keep_state:
-        state.unlink(missing_ok=True)
-    losses = detector.info["epoch_losses"]
-    print(f"trained {detector.info['steps']} steps, last epoch loss {losses[-1]:.4g}; wrote {path}")
+    if main_rank:
+        path = detector.save(args.out)
+        if not args.keep_state:
+            state.unlink(missing_ok=True)
+        losses = detector.info["epoch_losses"]
+        print(
+            f"trained {detector.info['steps']} steps, last epoch loss {losses[-1]:.4g}; "
+            f"wrote {path}"
+        )
+    distributed.barrier()  # no rank exits (and tears the group down) before the file exists
     return 0
 
 
@@ -328,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a model on good images and write one .safetensors file",
-        description="Train on DATA: an MVTec-layout category folder (uses train/good) or a "
-        "folder of good images. Writes weights, template, config and preprocessing to --out.",
+        description="Train on DATA: an MVTec or BTAD category folder (uses train/good or "
+        "train/ok) or a folder of good images. Writes weights, template, config, "
+        "preprocessing and threshold to --out. Under torchrun each process trains its "
+        "share of every batch (DistributedDataParallel); --batch-size is per process.",
     )
     p.add_argument("data", type=Path, help="MVTec-layout category folder or folder of images")
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from pyramidflow import Config, PyramidFlow, engine
+from pyramidflow import Config, Detector, PyramidFlow, engine
 from pyramidflow.checkpoint import load_checkpoint
+from pyramidflow.synthetic import generate_category
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -71,11 +72,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ranks")
-    script = out / "worker.py"
-    script.write_text(WORKER)
+def _run_ranks(command: list[str], timeout: float = 180) -> None:
+    """Run ``command`` as ranks 0 and 1 of a gloo group, as torchrun would start them."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
@@ -91,18 +89,25 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
         }
         if sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        command = [sys.executable, str(script), str(out), repr(CONFIGS)]
         procs.append(
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
     for proc in procs:
         try:
-            output, _ = proc.communicate(timeout=120)
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             raise
         assert proc.returncode == 0, output.decode()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ranks")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    _run_ranks([sys.executable, str(script), str(out), repr(CONFIGS)])
     return out
 
 
@@ -151,3 +156,56 @@ def test_rank_zero_wrote_a_resumable_checkpoint(two_ranks: Path) -> None:
     for key, value in saved.model.state_dict().items():
         assert torch.equal(value, ranks[f"cvn.{key}"]), key
     assert saved.info["epoch_losses"] == ranks["cvn.losses"].tolist()
+
+
+def test_train_command_under_torchrun_equals_one_process_with_pairs_per_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`torchrun --nproc_per_node 2 -m pyramidflow train ...` writes one model (rank 0)
+    equal to `Detector.fit` with twice the batch and pairs inside each half."""
+    data = generate_category(tmp_path, "disc", size=32, n_train=9, n_test_good=1,
+                             n_test_defect_per_type=1)  # fmt: skip
+    flags = ["--image-size", "32", "--levels", "3", "--stacks", "1", "--channels", "8",
+             "--kernel-size", "3", "--epochs", "2", "--lr", "1e-3", "--seed", "3"]  # fmt: skip
+    out = tmp_path / "ddp.safetensors"
+    _run_ranks(
+        [
+            sys.executable,
+            "-m",
+            "pyramidflow",
+            "train",
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--no-progress",
+            *flags,
+        ]  # fmt: skip
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors", "disc"]  # no state
+    trained = Detector.load(out)
+
+    real_train = engine.train
+    monkeypatch.setattr(engine, "train", lambda *a, **k: real_train(*a, **{**k, "pair_groups": 2}))
+    single = Detector(
+        Config(
+            image_size=32,
+            levels=3,
+            stacks=1,
+            channels=8,
+            kernel_size=3,
+            epochs=2,
+            lr=1e-3,
+            seed=3,
+            batch_size=4,
+        )  # fmt: skip
+    ).fit(data)
+    assert trained.info["steps"] == single.info["steps"] == 4  # 8 of 9 images: 2 x 2 steps
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(
+            trained.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key
+        )
+    for a, b in zip(trained.template, single.template, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert trained.threshold == pytest.approx(single.threshold, rel=1e-4)
