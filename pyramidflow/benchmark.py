@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,15 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import data
 from .api import Detector, Evaluation
 from .atomic import atomic_write_text
 from .config import MVTEC_CATEGORIES, Config
 from .errors import DataError
+from .metrics import REPORTED_METRICS, json_safe, mean_metrics
 
-REPORTED_METRICS = ("pixel_auroc", "image_auroc", "aupro", "aupro_full_range")
 #: Config fields that fitting fills in from the data, or that do not change the results:
 #: a reused model may differ from the requested config in these.
 _RESOLVED_FIELDS = frozenset({"mean", "std", "in_channels", "normalization", "memory", "backend"})
@@ -54,15 +51,6 @@ def benchmark_config(category: str, **overrides: Any) -> Config:
     return Config(**{"category": category, **overrides})
 
 
-def mean_metrics(rows: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Per-metric mean over categories, NaN entries (e.g. no defective images) skipped."""
-    means = {}
-    for key in REPORTED_METRICS:
-        finite = [r[key] for r in rows.values() if not math.isnan(r[key])]
-        means[key] = float(np.mean(finite)) if finite else float("nan")
-    return means
-
-
 def settings_mismatch(requested: Config, trained: Config) -> str | None:
     """The first setting in which a trained model differs from the requested config, as
     ``"field: trained X, requested Y"``; None when it matches. Fields that fitting resolves
@@ -78,7 +66,8 @@ def settings_mismatch(requested: Config, trained: Config) -> str | None:
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(json_safe(values), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def _check_reusable(job: CategoryJob) -> None:

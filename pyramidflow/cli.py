@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .checkpoint import CheckpointError
 from .config import MEMORY_MODES, MVTEC_CATEGORIES, Config
 from .errors import DataError, PyramidFlowError
@@ -119,13 +117,19 @@ def _check_new_file(path: Path, overwrite: bool) -> None:
 
 
 def _print_table(rows: dict[str, dict[str, float]], mean: dict[str, float] | None) -> None:
-    columns = ("pixel_auroc", "image_auroc", "aupro", "aupro_full_range")
-    heads = ("pixel AUROC", "image AUROC", "AUPRO@0.3", "AUPRO full")
+    from .metrics import REPORTED_METRICS
+
+    heads = ("pixel AUROC", "image AUROC", "AUPRO@0.3", "AUPRO full", "pixel F1max", "image F1max")
+
+    def cells(row: dict[str, float]) -> str:
+        values = (row.get(c) for c in REPORTED_METRICS)
+        return "".join(f"{float('nan') if v is None else v:>13.4f}" for v in values)
+
     print(f"{'category':<12}" + "".join(f"{h:>13}" for h in heads))
     for name, row in rows.items():
-        print(f"{name:<12}" + "".join(f"{row[c]:>13.4f}" for c in columns))
+        print(f"{name:<12}" + cells(row))
     if mean is not None:
-        print(f"{'mean':<12}" + "".join(f"{mean[c]:>13.4f}" for c in columns))
+        print(f"{'mean':<12}" + cells(mean))
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -287,7 +291,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Detector
+    from .atomic import atomic_write_text
     from .data import find_categories
+    from .metrics import json_safe, mean_metrics
 
     if args.json is not None:
         _check_new_file(args.json, args.overwrite)
@@ -301,11 +307,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if name in rows:
             name = str(folder)
         rows[name] = evaluation.metrics
-    names = ("pixel_auroc", "image_auroc", "aupro", "aupro_full_range")
-    mean = {k: float(np.nanmean([r[k] for r in rows.values()])) for k in names}
+    mean = mean_metrics(rows)
     _print_table(rows, mean if len(rows) > 1 else None)
     if args.json is not None:
-        args.json.write_text(json.dumps({"categories": rows, "mean": mean}, indent=2) + "\n")
+        summary = json_safe({"categories": rows, "mean": mean})
+        atomic_write_text(args.json, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return 0
 
 

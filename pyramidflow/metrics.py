@@ -17,6 +17,7 @@ Inputs may be numpy arrays or torch tensors (any device). Scores keep float32/fl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "REPORTED_METRICS",
+    "json_safe",
+    "mean_metrics",
     "auroc",
     "aupro",
     "aupro_full_range",
@@ -350,3 +354,32 @@ def evaluate_maps(maps: Any, masks: Any, image_scores: Any | None = None) -> dic
         out["image_auroc"] = _auroc_from_ranked(r_img)
         out["image_f1_max"] = _f1_from_ranked(r_img)[0]
     return {k: float(v) for k, v in out.items()}
+
+
+REPORTED_METRICS = (
+    "pixel_auroc", "image_auroc", "aupro", "aupro_full_range", "pixel_f1_max", "image_f1_max",
+)  # fmt: skip
+"""The per-category metrics of ``evaluate``, ``benchmark`` and ``demo`` tables."""
+
+
+def mean_metrics(rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per-metric mean over categories; missing or NaN entries (no defective images, or
+    null in a JSON file) are skipped, NaN where no category has the metric."""
+    means = {}
+    for key in REPORTED_METRICS:
+        values = [r.get(key) for r in rows.values()]
+        finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+        means[key] = float(np.mean(finite)) if finite else float("nan")
+    return means
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so that ``json.dumps(...,
+    allow_nan=False)`` writes strict JSON (``null``, not the non-standard ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

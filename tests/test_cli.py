@@ -284,12 +284,13 @@ def test_evaluate_prints_the_table_and_writes_json(
     assert "pixel AUROC" in out and "image AUROC" in out and "AUPRO" in out
     row = next(line for line in out.splitlines() if line.startswith("disc"))
     values = [float(v) for v in row.split()[1:]]
-    assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
+    assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values)  # AUROCs, AUPROs, F1s
     written = json.loads(report.read_text())
     metrics = written["categories"]["disc"]
     for key in METRICS:
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["pixel_auroc"] == pytest.approx(values[0], abs=1e-4)
+    assert metrics["image_f1_max"] == pytest.approx(values[5], abs=1e-4)
 
     before = report.read_text()
     code, _, err = run(["evaluate", tiny_model, tiny_category, "--json", report], capsys)
@@ -448,3 +449,23 @@ def test_demo_unknown_category_is_exit_2(
     code, _, err = run(["demo", "--out", tmp_path, "--categories", "marble"], capsys)
     assert code == 2
     assert_one_line_error(err, "marble")
+
+
+def test_evaluate_json_is_strict_when_a_metric_is_undefined(
+    tiny_model: Path, tiny_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A category without defective test images has no AUROC: JSON null, never NaN."""
+    good_only = tmp_path / "good_only"
+    shutil.copytree(tiny_category / "train", good_only / "train")
+    shutil.copytree(tiny_category / "test" / "good", good_only / "test" / "good")
+    report = tmp_path / "metrics.json"
+    code, out, err = run(
+        ["evaluate", tiny_model, good_only, tiny_category, "--json", report, "--no-progress"],
+        capsys,
+    )
+    assert code == 0, err
+    written = json.loads(report.read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert written["categories"]["good_only"]["pixel_auroc"] is None
+    mean, defective = written["mean"], written["categories"]["disc"]
+    assert mean["pixel_auroc"] == pytest.approx(defective["pixel_auroc"])  # None skipped
+    assert "nan" in out.splitlines()[1]  # the table shows the undefined value as nan
