@@ -77,7 +77,14 @@ def to_geometry(pixels: torch.Tensor, config: Config, source: str) -> torch.Tens
 
 def prepare(array: np.ndarray, config: Config, source: str = "image") -> torch.Tensor:
     """One pixel array -> the normalized model input (C, H, W)."""
-    pixels = to_geometry(_unit_tensor(array, config.in_channels, source), config, source)
+    pixels = _unit_tensor(array, config.in_channels, source)
+    smallest = 2 ** (config.levels - 1)
+    if min(pixels.shape[-2:]) < smallest:
+        raise DataError(
+            f"{source}: image is {pixels.shape[-2]}x{pixels.shape[-1]}, smaller than the "
+            f"{smallest} pixels per side that {config.levels} pyramid levels need"
+        )
+    pixels = to_geometry(pixels, config, source)
     return normalize(pixels, config)[0].contiguous()
 
 

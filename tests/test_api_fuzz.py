@@ -19,6 +19,7 @@ from pyramidflow.metrics import evaluate_maps
 FAST = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+SMALLEST_SIDE = 2  # 2^(levels - 1) for the detector below (levels = 2)
 DTYPES = (np.uint8, np.uint16, np.int32, np.float32, np.float64, np.bool_)
 
 
@@ -49,12 +50,14 @@ def pixel_arrays(draw: st.DrawFn) -> tuple[np.ndarray, str]:
     elif shape_kind == "tiny":
         height, width = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     elif shape_kind == "wide":
-        height, width = 1, draw(st.integers(100, 600))
+        height, width = draw(st.integers(1, 3)), draw(st.integers(100, 600))
     elif shape_kind == "tall":
         height, width = draw(st.integers(100, 600)), draw(st.integers(1, 3))
     else:
         height, width = (0, draw(st.integers(0, 5))) if shape_kind == "empty" else (4, 4)
         kind = "bad"
+    if min(height, width) < SMALLEST_SIDE:
+        kind = "bad"  # fewer pixels per side than the pyramid has levels to halve
     channels = draw(st.sampled_from([None, 1, 2, 3, 4, 0, 5]))
     shape: tuple[int, ...] = (height, width) if channels is None else (height, width, channels)
     if channels in (0, 5):

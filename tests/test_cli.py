@@ -270,6 +270,38 @@ def test_predict_corrupt_file_is_reported_and_the_others_processed(
     assert "1 failed" in stdout
 
 
+@pytest.mark.parametrize(
+    ("name", "pixels", "message"),
+    [
+        ("tiny.png", np.zeros((3, 40, 3), np.uint8), "smaller than the 4 pixels per side"),
+        ("nan.tiff", np.full((32, 32), np.nan, np.float32), "NaN or Inf"),
+        ("five.tiff", np.zeros((32, 32, 5), np.uint8), "5 channel(s) but the model takes 3"),
+    ],
+)
+def test_predict_unusable_image_is_one_line_naming_it_and_exit_1(
+    tiny_model: Path,
+    tiny_category: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    pixels: np.ndarray,
+    message: str,
+) -> None:
+    bad = tmp_path / name
+    if name.endswith(".png"):
+        Image.fromarray(pixels).save(bad)
+    else:
+        tifffile.imwrite(bad, pixels)
+    good = tiny_category / "test" / "good" / "000.png"
+    code, stdout, err = run(
+        ["predict", tiny_model, bad, good, "--out", tmp_path / "out", "--no-progress"], capsys
+    )
+    assert code == 1 and "Traceback" not in err
+    line = next(line for line in err.splitlines() if name in line)
+    assert message in line, err
+    assert "1 failed" in stdout and (tmp_path / "out" / "000_map.tiff").is_file()
+
+
 # -- evaluate --------------------------------------------------------------------------------
 
 
