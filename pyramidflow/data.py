@@ -172,7 +172,7 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
                     img = img.convert("I;16")
                 elif img.mode in _CONVERT_TO_RGB:
                     img = img.convert("RGB")
-                array = np.asarray(img)
+                array = np.array(img)  # a writable array, as tifffile gives
                 if img.mode == "I" and img.format == "PNG":
                     array = array.astype(np.uint16)  # older Pillow: 16-bit gray PNG as "I"
     except MemoryError:

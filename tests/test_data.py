@@ -546,3 +546,16 @@ def test_find_categories_errors_name_the_root(tmp_path: Path) -> None:
         data.find_categories(empty)
     with pytest.raises(DataError, match="missing_root: no such dataset folder"):
         data.find_categories(tmp_path / "missing_root")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tiff"])
+def test_read_array_gives_a_writable_array_for_every_format(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"img{suffix}"
+    pixels = np.full((6, 5, 3), 100, np.uint8)
+    if suffix == ".tiff":
+        tifffile.imwrite(path, pixels)
+    else:
+        Image.fromarray(pixels).save(path)
+    array = data.read_array(path)
+    array[0, 0] = 0  # callers may edit what they read
+    assert array.flags.writeable
