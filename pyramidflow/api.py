@@ -349,12 +349,14 @@ class Detector:
                 if sample.mask_path is None:
                     mask = np.zeros(maps[-1].shape, dtype=bool)
                 else:
-                    mask = preprocess.model_mask(data.read_mask(sample.mask_path), self.config)
-                    if mask.shape != maps[-1].shape:
+                    raw_mask = data.read_mask(sample.mask_path)
+                    if raw_mask.shape[:2] != array.shape[:2]:  # before any resize hides it
                         raise DataError(
-                            f"{sample.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but "
-                            f"its image {sample.path} is {array.shape[0]}x{array.shape[1]}"
+                            f"{sample.mask_path}: mask is {raw_mask.shape[0]}x"
+                            f"{raw_mask.shape[1]} but its image {sample.path} is "
+                            f"{array.shape[0]}x{array.shape[1]}"
                         )
+                    mask = preprocess.model_mask(raw_mask, self.config)
                 masks.append(mask)
         map_stack, mask_stack = np.stack(maps), np.stack(masks)
         score_array = np.asarray(scores, dtype=np.float32)

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import pyramidflow.demo
 from pyramidflow.api import Detector
@@ -375,6 +377,38 @@ def test_bad_paths_give_one_line_and_exit_1(
     for argv, mention in cases:
         code, _, err = run(argv, capsys)
         assert code == 1, (argv, err)
+        assert_one_line_error(err, mention)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_bad_data_and_files_give_one_line_naming_them(
+    tiny_model: Path, tiny_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Empty folder, mask of the wrong size, a safetensors file that is not ours, a
+    truncated model, unknown config keys: one line naming the culprit, no traceback."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong_mask = Path(shutil.copytree(tiny_category, tmp_path / "wrong_mask"))
+    mask = next((wrong_mask / "ground_truth").rglob("*.png"))
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(mask)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, foreign)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_model.read_bytes()[:1000])
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"levels": 3, "learning_rate": 0.1}))
+    good = tiny_category / "test" / "good"
+    cases = [
+        (["train", empty, "--out", tmp_path / "m.safetensors", *TINY], 1, empty.name),
+        (["evaluate", tiny_model, wrong_mask, "--no-progress"], 1, mask.name),
+        (["predict", foreign, good, "--out", tmp_path / "p1"], 1, foreign.name),
+        (["predict", truncated, good, "--out", tmp_path / "p2"], 1, truncated.name),
+        (["train", tiny_category, "--out", tmp_path / "m.safetensors", "--config", config_file],
+         2, "learning_rate"),
+    ]  # fmt: skip
+    for argv, exit_code, mention in cases:
+        code, _, err = run(argv, capsys)
+        assert code == exit_code, (argv, err)
         assert_one_line_error(err, mention)
     assert not (tmp_path / "m.safetensors").exists()
 
