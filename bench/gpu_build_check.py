@@ -211,8 +211,8 @@ def _coupling_scenarios(
     options = (volume_norm, training, 2.0)
     tag = f"k={stride} {volume_norm} {'train' if training else 'eval'}"
     grad_mean = mean if training else None
-    yield f"affine_coupling {tag}", lambda: ct._forward_impl(x, h, weight, mean, *options)
-    yield f"affine_coupling_inverse {tag}", lambda: ct._inverse_impl(x, h, weight, mean, *options)
+    yield f"affine_coupling {tag}", lambda: ct._coupling_fn(x, h, weight, mean, *options)
+    yield f"affine_coupling_inverse {tag}", lambda: ct._inverse_fn(x, h, weight, mean, *options)
     if not backward:
         return
     yield (

@@ -435,37 +435,6 @@ def _apply_coupling(
     return result, mean
 
 
-def _forward_impl(
-    x: torch.Tensor,
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    volume_norm: str,
-    training: bool,
-    clamp: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (z, the subtracted VN mean)."""
-    return _apply_coupling(
-        _coupling_fwd_kernel, x, h, weight, running_mean, volume_norm, training, clamp
-    )
-
-
-def _inverse_impl(
-    z: torch.Tensor,
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    volume_norm: str,
-    training: bool,
-    clamp: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (x, the subtracted VN mean)."""
-    return _apply_coupling(
-        _coupling_inv_kernel, z, h, _inverse_weight(weight), running_mean, volume_norm,
-        training, clamp,
-    )  # fmt: skip
-
-
 def _grad_buffers(
     h: torch.Tensor, geo: _Geometry, cvn: bool, training: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -586,7 +555,10 @@ def _coupling_fn(
     training: bool,
     clamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(x, h, weight, running_mean, volume_norm, training, clamp)
+    """Returns (z, the subtracted VN mean)."""
+    return _apply_coupling(
+        _coupling_fwd_kernel, x, h, weight, running_mean, volume_norm, training, clamp
+    )
 
 
 def _coupling_backward_fn(
@@ -612,7 +584,11 @@ def _inverse_fn(
     training: bool,
     clamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _inverse_impl(z, h, weight, running_mean, volume_norm, training, clamp)
+    """Returns (x, the subtracted VN mean)."""
+    return _apply_coupling(
+        _coupling_inv_kernel, z, h, _inverse_weight(weight), running_mean, volume_norm,
+        training, clamp,
+    )  # fmt: skip
 
 
 def _inverse_backward_fn(
