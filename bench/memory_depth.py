@@ -13,6 +13,10 @@ backward, Adam step) with B = 2, L = 4, C = 16, k = 7 (paper defaults otherwise)
   large buffer is returned to the system when freed, so RSS follows what is live.
   ``param_state_mb`` is what the step allocates per parameter (gradient and Adam's two
   moments, 3x the trainable parameter bytes): it grows with S in both modes;
+- the steady-state activation memory ``activation_mb``: the peak of a second step above
+  the memory before it (CPU: VmHWM reset through /proc/self/clear_refs, with the mmap
+  threshold above; CUDA: max_memory_allocated), minus the parameter gradients
+  (``grad_mb``), which grow with the parameter count, not with activations;
 - step time, measured in one subprocess per (size, S) that alternates recompute and store
   steps (order ABBA, after one warm-up step of each), so that both modes see the same
   machine load: the median of each mode, and the median of the side-by-side ratios.
@@ -48,7 +52,7 @@ MODES = ("recompute", "store")
 MMAP_THRESHOLD = 131072
 FIELDS = (
     "device", "size", "stacks", "mode", "peak_mb", "baseline_mb", "peak_total_mb",
-    "peak_mmap_mb", "param_state_mb",
+    "peak_mmap_mb", "steady_peak_mmap_mb", "activation_mb", "grad_mb", "param_state_mb",
     "step_s", "step_s_all", "time_ratio_vs_store", "blocks", "batch", "levels", "channels",
     "kernel_size", "threads",
 )  # fmt: skip
@@ -117,6 +121,40 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _proc_status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise KeyError(key)
+
+
+def steady_step_peak_mb(model, images, optimizer, mode: str, device: str) -> float | None:
+    """Peak memory of a second training step above the memory before it.
+
+    After the first step the optimizer's moments exist, as in any later step; what the
+    step adds on top is activations, temporaries and the parameter gradients. On the CPU
+    the kernel's peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs (Linux
+    >= 4.0) right before the step; None where that is not available.
+    """
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        before = torch.cuda.memory_allocated(torch.device(device)) / 2**20
+        train_step(model, images, optimizer, mode)
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20 - before
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_mb("VmRSS")
+    except (OSError, KeyError):
+        return None
+    train_step(model, images, optimizer, mode)
+    return _proc_status_mb("VmHWM") - before
+
+
 def worker_memory(size: int, stacks: int, mode: str, device: str) -> dict[str, Any]:
     """Peak memory of one training step in this (fresh) process."""
     import torch
@@ -134,8 +172,11 @@ def worker_memory(size: int, stacks: int, mode: str, device: str) -> dict[str, A
         train_step(model, images, optimizer, mode)
         total = max_rss_mb()
     param_bytes = sum(p.numel() * p.element_size() for p in optimizer.param_groups[0]["params"])
+    steady = steady_step_peak_mb(model, images, optimizer, mode, device)
     return {
         "peak_mb": total - baseline,
+        "steady_peak_mb": steady,
+        "grad_mb": param_bytes / 2**20,
         "param_state_mb": 3 * param_bytes / 2**20,
         "baseline_mb": baseline,
         "peak_total_mb": total,
@@ -201,12 +242,17 @@ def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, t
                 continue
             stacks = [r["stacks"] for r in sel]
             label = f"{size} px, {mode}"
-            line = ax_mem.plot(stacks, [r["peak_mb"] for r in sel], style, label=label)[0]
-            if all(r.get("peak_mmap_mb") is not None for r in sel):
+            if all(r.get("activation_mb") is not None for r in sel):
+                line = ax_mem.plot(
+                    stacks, [r["activation_mb"] for r in sel], style,
+                    label=f"{label}, step peak - gradients",
+                )[0]  # fmt: skip
                 ax_mem.plot(
-                    stacks, [r["peak_mmap_mb"] for r in sel], style[0] + ":",
-                    color=line.get_color(), alpha=0.6, label=f"{label}, mmap threshold",
+                    stacks, [r["peak_mb"] for r in sel], style[0] + ":",
+                    color=line.get_color(), alpha=0.5, label=f"{label}, first step, raw RSS",
                 )  # fmt: skip
+            else:
+                ax_mem.plot(stacks, [r["peak_mb"] for r in sel], style, label=label)
             ax_time.plot(stacks, [r["step_s"] for r in sel], style, label=label)
     for ax, ylabel in ((ax_mem, f"peak memory, MB ({unit})"), (ax_time, "median step time, s")):
         ax.set_xscale("log", base=2)
@@ -268,6 +314,11 @@ def main(argv: list[str] | None = None) -> None:
                 for m in MODES:
                     again = run_worker([*shape, "--worker", "memory", "--mode", m], env=fixed)
                     memory[m]["peak_mmap_mb"] = again["peak_mb"]
+                    memory[m]["steady_peak_mmap_mb"] = again["steady_peak_mb"]
+            for m in MODES:
+                steady = memory[m].get("steady_peak_mmap_mb", memory[m]["steady_peak_mb"])
+                if steady is not None:
+                    memory[m]["activation_mb"] = steady - memory[m]["grad_mb"]
             timing = run_worker([*shape, "--worker", "time", "--steps", str(args.steps)])
             for mode in MODES:
                 step_times = timing["times"][mode]
@@ -281,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
                 }  # fmt: skip
                 rows.append(row)
                 print(
-                    f"{size:5d} px  S={stacks}  {mode:9s}  peak {row['peak_mb']:8.1f} MB "
+                    f"{size:5d} px  S={stacks}  {mode:9s}  activations "
+                    f"{row.get('activation_mb') or float('nan'):7.1f} MB  first-step peak "
+                    f"{row['peak_mb']:8.1f} MB "
                     f"(mmap {row.get('peak_mmap_mb') or float('nan'):7.1f}, params "
                     f"{row['param_state_mb']:5.1f}, baseline {row['baseline_mb']:.0f})  "
                     f"step {row['step_s']:.3f} s  "
