@@ -173,16 +173,6 @@ def _previous_summary(path: Path, overwrite: bool) -> dict[str, Any]:
     return summary
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 _OVERRIDE_FLAGS = ("epochs", "levels", "stacks", "channels", "kernel_size", "batch_size", "seed")
 
 
@@ -247,6 +237,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``benchmark ROOT --out DIR`` on a CLI's subparsers."""
+    from .cli import positive  # the command line sits above this module
+
     p = subparsers.add_parser(
         "benchmark",
         help="train and evaluate one model per category of an MVTec AD or BTAD root",
@@ -260,13 +252,13 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--out", type=Path, required=True, help="folder for models and metrics.json")
     p.add_argument("--categories", nargs="+", metavar="NAME", help="run only these categories")
     g = p.add_argument_group("overrides for every category (default: the paper's settings)")
-    g.add_argument("--image-size", type=_positive_int, nargs="+", metavar="PX", help="S or H W")
-    g.add_argument("--epochs", type=_positive_int, help="training epochs (paper 15)")
-    g.add_argument("--levels", type=_positive_int, help="pyramid levels L (replaces presets)")
-    g.add_argument("--stacks", type=_positive_int, help="coupling stacks S (paper 4)")
-    g.add_argument("--channels", type=_positive_int, help="latent channels C (paper 16)")
-    g.add_argument("--kernel-size", type=_positive_int, help="parameter-network kernel k")
-    g.add_argument("--batch-size", type=_positive_int, help="training batch, >= 2 (paper 2)")
+    g.add_argument("--image-size", type=positive(int), nargs="+", metavar="PX", help="S or H W")
+    g.add_argument("--epochs", type=positive(int), help="training epochs (paper 15)")
+    g.add_argument("--levels", type=positive(int), help="pyramid levels L (replaces presets)")
+    g.add_argument("--stacks", type=positive(int), help="coupling stacks S (paper 4)")
+    g.add_argument("--channels", type=positive(int), help="latent channels C (paper 16)")
+    g.add_argument("--kernel-size", type=positive(int), help="parameter-network kernel k")
+    g.add_argument("--batch-size", type=positive(int), help="training batch, >= 2 (paper 2)")
     g.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation")
     p.add_argument(
         "--overwrite", action="store_true", help="retrain and replace models already in --out"

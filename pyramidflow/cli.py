@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError(str(exc)) from None
 
 
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse ``type`` accepting only positive values of ``kind`` (int or float)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def _check_new_file(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise UsageError(f"{path} is a folder; give the path of a file to write")
@@ -186,8 +203,6 @@ def _train(args: argparse.Namespace, device: Any, *, main_rank: bool) -> int:
         raise UsageError(
             f"--batch-size must be >= 2 (the loss compares image pairs), got {config.batch_size}"
         )
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise UsageError(f"--checkpoint-every must be >= 1 step, got {args.checkpoint_every}")
     _check_new_file(args.out, args.overwrite)
     state = train_state_path(args.out)
     if state.exists() and not args.resume:
@@ -256,8 +271,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .api import Detector
     from .predict_run import OutputExistsError, check_outputs, mvtec_label, run_predict
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = data.expand_inputs(args.inputs)
     try:  # before loading the model: a usage mistake should cost nothing
         names = _output_names(paths)
@@ -381,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=positive(int),
         metavar="STEPS",
         help="also write OUT.train-state every STEPS optimizer steps (default: every epoch)",
     )
@@ -422,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an earlier run into --out: images already done are kept, not rescored",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="images scored together (default 8)")
+    p.add_argument(
+        "--batch-size", type=positive(int), default=8, help="images scored together (default 8)"
+    )
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     _add_common(p)
     p.set_defaults(func=cmd_predict)

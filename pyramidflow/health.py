@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,22 +102,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def add_check_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``check MODEL IMAGES... [--threshold T]`` on a CLI's subparsers."""
+    from .cli import positive  # the command line sits above this module
+
     parser = subparsers.add_parser(
         "check",
         help="numerical health: relative error of inverse(forward(x)) per image",
@@ -130,12 +117,12 @@ def add_check_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument(
         "--threshold",
-        type=_positive(float),
+        type=positive(float),
         default=DEFAULT_THRESHOLD,
         help=f"largest acceptable relative error (default {DEFAULT_THRESHOLD:g})",
     )
     parser.add_argument(
-        "--batch-size", type=_positive(int), default=8, help="images per forward pass"
+        "--batch-size", type=positive(int), default=8, help="images per forward pass"
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.set_defaults(func=cmd_check)
