@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,20 +32,10 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from checkout import device_name  # noqa: E402
 
 from pyramidflow import Config, PyramidFlow  # noqa: E402
 from pyramidflow.export import AnomalyGraph, export_onnx  # noqa: E402
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def paper_model(size: int, seed: int = 0) -> tuple[PyramidFlow, list[torch.Tensor]]:
@@ -135,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_size(size, repeats, Path(tmp)))
             print(f"{size} px done", file=sys.stderr, flush=True)
     result = {
-        "device": cpu_name(),
+        "device": device_name("cpu"),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,

@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: import the kernels whether or not the package is installed."""
+"""Shared by the bench scripts: kernels importable without installing, the machine's name."""
 
 from __future__ import annotations
 
@@ -20,3 +20,20 @@ def ensure_kernels_importable() -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules["pyramidflow_kernels"] = module
         spec.loader.exec_module(module)
+
+
+def device_name(device: str = "cpu") -> str:
+    """The GPU's name for a CUDA device, else the CPU model from /proc/cpuinfo."""
+    import platform
+
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -33,7 +33,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from checkout import device_name  # noqa: E402
+
 MODES = ("recompute", "store")
 MMAP_THRESHOLD = 131072
 FIELDS = (
@@ -56,21 +57,6 @@ FIELDS = (
     "step_s", "step_s_all", "time_ratio_vs_store", "blocks", "batch", "levels", "channels",
     "kernel_size", "threads",
 )  # fmt: skip
-
-
-def device_name(device: str) -> str:
-    """The GPU name, or the CPU model from /proc/cpuinfo."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build(size: int, stacks: int, device: str, seed: int = 0):
