@@ -52,11 +52,6 @@ def assert_one_line_error(err: str, *mentions: str) -> None:
         assert text in lines[0], (text, err)
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PYRAMIDFLOW_DEBUG", raising=False)
-
-
 @pytest.fixture(scope="session")
 def tiny_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli_data")

@@ -50,11 +50,6 @@ RUNNER = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PYRAMIDFLOW_DEBUG", raising=False)
-
-
 @pytest.fixture(scope="module")
 def category(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("train_cli_data")
