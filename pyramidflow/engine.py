@@ -373,8 +373,9 @@ def train(
                     batch = augment(batch, generator)
                 if distributed:
                     batch = batch[rank * local_size : (rank + 1) * local_size]
-                latents = net(batch.to(device, non_blocking=True))
-                loss = _loss(model, latents, pair_groups)
+                # no name for the latents: in memory="recompute" the backward frees each
+                # one as soon as it is replaced, unless something still refers to it
+                loss = _loss(model, net(batch.to(device, non_blocking=True)), pair_groups)
                 shown = loss.detach()
                 if distributed:
                     shown = dist_tools.all_reduce_mean(shown.clone())

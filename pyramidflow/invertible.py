@@ -6,6 +6,13 @@ blocks in reverse: for each block it evaluates the parameter network once, with 
 enabled, on the conditioning levels (unchanged by the block, so identical to the
 forward's); the same (s, t) invert the block and carry the local graph that is
 back-propagated. Running statistics are updated in the forward only.
+
+The latents are saved by a separate identity node (:class:`_KeepLatents`) whose backward
+runs just before the walk and hands the latents and their gradients over: autograd then
+drops its own references to both, so each latent and each incoming gradient is freed
+as soon as the walk replaces it (unless the graph is retained or the caller still holds
+the latents). Without this, one pyramid of latents and one of gradients would stay
+pinned beside their replacements from the second stack on.
 """
 
 from __future__ import annotations
@@ -22,32 +29,76 @@ def _trainable(block: nn.Module) -> list[nn.Parameter]:
     return [p for p in block.parameters() if p.requires_grad]
 
 
+class _Handover:
+    """What :class:`_KeepLatents` passes to the flow's backward: the latents and their
+    gradients, held by nothing else, so each can be freed as soon as it is replaced."""
+
+    __slots__ = ("latents", "grads")
+
+    def __init__(self) -> None:
+        self.latents: list[torch.Tensor] | None = None
+        self.grads: list[torch.Tensor | None] | None = None
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        if self.latents is None or self.grads is None:
+            raise RuntimeError("the latents' backward did not run before the flow's backward")
+        latents, grads = self.latents, self.grads
+        self.latents = self.grads = None
+        return latents, grads
+
+
+class _KeepLatents(torch.autograd.Function):
+    """Identity on the latents that holds them for the flow's backward.
+
+    Autograd frees a node's saved tensors (unless the graph is retained) and the gradients
+    it received as soon as that node's backward returns. This node's backward runs right
+    before the flow's and hands both over, instead of returning the gradients: so the
+    latents and their incoming gradients are not pinned for the whole reverse walk next to
+    the reconstructed levels and the new gradients (a pyramid-sized buffer each).
+    """
+
+    @staticmethod
+    def forward(ctx, handover, *latents):  # type: ignore[override]
+        ctx.handover = handover
+        ctx.save_for_backward(*latents)
+        ctx.set_materialize_grads(False)
+        return tuple(z.detach() for z in latents)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        ctx.handover.latents = [t.detach() for t in ctx.saved_tensors]
+        ctx.handover.grads = list(grads)
+        return (None,) * (1 + len(grads))
+
+
 class _InvertibleSequenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, blocks, n_levels, *levels_and_params):  # type: ignore[override]
+    def forward(ctx, blocks, handover, n_levels, *levels_and_params):  # type: ignore[override]
         levels = [t.detach() for t in levels_and_params[:n_levels]]
         with torch.no_grad():
             for block in blocks:
                 levels = block(levels, update_stats=True)
-        ctx.blocks = blocks
-        ctx.n_levels = n_levels
-        ctx.save_for_backward(*levels, *levels_and_params[n_levels:])
+        ctx.blocks, ctx.handover, ctx.n_levels = blocks, handover, n_levels
+        ctx.save_for_backward(*levels_and_params[n_levels:])
+        ctx.set_materialize_grads(False)
         return tuple(levels)
 
     @staticmethod
-    def backward(ctx, *grad_latents):  # type: ignore[override]
+    def backward(ctx, *_unused):  # type: ignore[override]
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "memory='recompute' supports one backward pass only (no create_graph / "
                 "double backward); use memory='store' for higher-order gradients"
             )
         n_levels, blocks = ctx.n_levels, ctx.blocks
-        levels = [t.detach() for t in ctx.saved_tensors[:n_levels]]
-        live_at_input = _live_levels(blocks, ctx.needs_input_grad[2 : 2 + n_levels])
+        needs_input_grad = ctx.needs_input_grad[3 : 3 + n_levels]
+        levels, grad_latents = ctx.handover.take()
+        live_at_input = _live_levels(blocks, needs_input_grad)
         grads: list[torch.Tensor | None] = [
             torch.zeros_like(level) if g is None else g
             for level, g in zip(levels, grad_latents, strict=True)
         ]
+        del grad_latents
         param_grads: list[torch.Tensor | None] = []
         for block, live in zip(reversed(blocks), reversed(live_at_input), strict=True):
             params = _trainable(block)
@@ -63,12 +114,14 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                     x = block.untransform(levels[block.target], h)
                 x_leaf = x.detach().requires_grad_(live[block.target])
                 z = block.transform(x_leaf, h, update_stats=False)
+                # Back-propagate the scalar <z, grad z> (same gradients, bit for bit) so
+                # that neither z nor h is held while the local graph runs backward.
+                projected = torch.sum(z * grads[block.target])
+                del z, h, conditioned
                 wrt = [x_leaf] if live[block.target] else []
                 wrt += [leaf for _, leaf in cond_inputs] + params
                 results = (
-                    list(torch.autograd.grad(z, wrt, grads[block.target], allow_unused=True))
-                    if wrt
-                    else []
+                    list(torch.autograd.grad(projected, wrt, allow_unused=True)) if wrt else []
                 )
             levels[block.target] = x
             grads[block.target] = results.pop(0) if live[block.target] else None
@@ -77,12 +130,11 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                 if g is not None:
                     grads[index] = g if grads[index] is None else grads[index] + g
             param_grads[:0] = results
-            del h, z, results
+            del projected, results, x_leaf, cond_inputs
         input_grads = [
-            g if needed else None
-            for g, needed in zip(grads, ctx.needs_input_grad[2 : 2 + n_levels], strict=True)
+            g if needed else None for g, needed in zip(grads, needs_input_grad, strict=True)
         ]
-        return (None, None, *input_grads, *param_grads)
+        return (None, None, None, *input_grads, *param_grads)
 
 
 def _live_levels(
@@ -116,10 +168,11 @@ class InvertibleSequence(nn.Module):
             any(p.requires_grad for p in params) or any(t.requires_grad for t in levels)
         )
         if memory == "recompute" and needs_graph:
+            handover = _Handover()
             out = _InvertibleSequenceFunction.apply(
-                tuple(self.blocks), len(levels), *levels, *params
+                tuple(self.blocks), handover, len(levels), *levels, *params
             )
-            return list(out)
+            return list(_KeepLatents.apply(handover, *out))
         if memory not in ("recompute", "store"):
             raise ValueError(f"memory must be 'recompute' or 'store', got {memory!r}")
         levels = list(levels)

@@ -100,7 +100,7 @@ class CouplingBlock(nn.Module):
         self.param_stride = 2 if kind == "down" and strided_down and volume_norm == "CVN" else 1
         self.param_net = nn.Sequential(
             nn.Conv2d(in_channels, 2 * channels, kernel_size, padding=pad, bias=False),
-            nn.LeakyReLU(0.01),
+            nn.LeakyReLU(0.01, inplace=True),
             nn.Conv2d(
                 2 * channels, 2 * channels, kernel_size, padding=pad, bias=False,
                 stride=self.param_stride,
@@ -133,7 +133,13 @@ class CouplingBlock(nn.Module):
 
     def parameters_for(self, levels: Levels) -> torch.Tensor:
         """Raw parameter-network output [s_raw, t] (B, 2C, ...)."""
-        return self.param_net(self.conditioning(levels))
+        condition = self.conditioning(levels)
+        if condition.device.type == "cpu":
+            # oneDNN convolves channels-last tensors in place; NCHW ones are reordered to
+            # a blocked layout first (two extra activation-sized buffers in backward, and
+            # about 2x the time). Same values up to float rounding; h is channels-last.
+            condition = condition.contiguous(memory_format=torch.channels_last)
+        return self.param_net(condition)
 
     def _running_mean_view(self) -> torch.Tensor:
         if self.param_stride == 1:

@@ -200,6 +200,43 @@ def test_double_backward_raises_and_autograd_grad_works():
     assert first.requires_grad
 
 
+def test_retained_graph_gives_the_same_gradients_twice():
+    # the latents' node hands the latents over on every backward, not just the first
+    model = make_model(4, 2)
+    levels_in = make_levels(model, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = objective(model.flow(levels_in, memory="recompute"))
+    first = torch.autograd.grad(loss, params + levels_in, retain_graph=True)
+    second = torch.autograd.grad(loss, params + levels_in)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_latents_changed_in_place_before_backward_raise():
+    model = make_model(4, 2)
+    latents = model.flow(make_levels(model, 2), memory="recompute")
+    loss = objective(latents)
+    with torch.no_grad():
+        latents[0].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_gradients_of_a_loss_using_some_latents_only_match_store():
+    model = make_model(4, 2)
+    levels_in = make_levels(model, 2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    for memory in ("store", "recompute"):
+        latents = model.flow(levels_in, memory=memory)
+        loss = (latents[1] ** 2).sum() + latents[3].sum()
+        wrt = params + levels_in
+        found = torch.autograd.grad(loss, wrt, allow_unused=True)
+        grads[memory] = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wrt)]
+    errors = [rel_err(a, b) for a, b in zip(grads["recompute"], grads["store"], strict=True)]
+    assert max(errors) < FLOAT64_TOL
+
+
 @pytest.mark.parametrize("memory, calls_per_block", [("recompute", 2), ("store", 1)])
 def test_parameter_network_runs_once_per_block_in_backward(memory, calls_per_block):
     model = make_model(4, 2, dtype=torch.float32)
