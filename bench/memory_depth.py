@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from checkout import device_name  # noqa: E402
+from checkout import run_metadata  # noqa: E402
 
 MODES = ("recompute", "store")
 MMAP_THRESHOLD = 131072
@@ -254,6 +254,33 @@ def write_results(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path, t
     plt.close(fig)
 
 
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per size, the figures the targets are about: how much recompute's activations
+    change from the smallest to the largest S (flat within 10 %), whether they are below
+    store's from S = 2 on, and the recompute / store time ratios (<= 1.40 at 256 px, S = 4)."""
+    summary: dict[str, Any] = {}
+    for size in sorted({row["size"] for row in rows}):
+        mine = {(row["stacks"], row["mode"]): row for row in rows if row["size"] == size}
+        stacks = sorted({s for s, _ in mine})
+        activations = [mine[(s, "recompute")].get("activation_mb") for s in stacks]
+        entry: dict[str, Any] = {
+            "time_ratio_by_stacks": {
+                s: round(mine[(s, "recompute")]["time_ratio_vs_store"], 3) for s in stacks
+            }
+        }
+        if None not in activations:
+            first, last = activations[0], activations[-1]
+            entry[f"activation_change_S{stacks[0]}_to_S{stacks[-1]}"] = round(last / first - 1, 4)
+            entry["activation_spread_over_S"] = round(max(activations) / min(activations) - 1, 4)
+            entry["recompute_below_store_from_S2"] = all(
+                mine[(s, "recompute")]["activation_mb"] < mine[(s, "store")]["activation_mb"]
+                for s in stacks
+                if s >= 2
+            )
+        summary[str(size)] = entry
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -272,16 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker_time(args.sizes[0], args.stacks[0], args.steps, args.device)))
         return
 
-    import torch
-
     tag = "cuda" if args.device.startswith("cuda") else "cpu"
     meta = {
-        "device": args.device,
-        "device_name": device_name(args.device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **run_metadata(args.device),
         "malloc_mmap_threshold_for_peak_mmap_mb": MMAP_THRESHOLD,
         "memory_metric": (
             "torch.cuda.max_memory_allocated minus allocated before the step"
@@ -327,7 +347,9 @@ def main(argv: list[str] | None = None) -> None:
                     f"ratio {row['time_ratio_vs_store']:.3f}",
                     flush=True,
                 )
+            meta["summary"] = summarize(rows)
             write_results(rows, meta, args.out, tag)
+    print(json.dumps(meta["summary"], indent=1))
 
 
 if __name__ == "__main__":

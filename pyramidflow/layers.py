@@ -135,9 +135,9 @@ class CouplingBlock(nn.Module):
         """Raw parameter-network output [s_raw, t] (B, 2C, ...)."""
         condition = self.conditioning(levels)
         if condition.device.type == "cpu":
-            # oneDNN convolves channels-last tensors in place; NCHW ones are reordered to
-            # a blocked layout first (two extra activation-sized buffers in backward, and
-            # about 2x the time). Same values up to float rounding; h is channels-last.
+            # oneDNN convolves channels-last tensors as they are; NCHW ones are reordered
+            # to its blocked layout first (activation-sized buffers in every backward, and
+            # time). Same values up to float rounding; h is channels-last.
             condition = condition.contiguous(memory_format=torch.channels_last)
         return self.param_net(condition)
 

@@ -232,7 +232,9 @@ def test_gradients_of_a_loss_using_some_latents_only_match_store():
         loss = (latents[1] ** 2).sum() + latents[3].sum()
         wrt = params + levels_in
         found = torch.autograd.grad(loss, wrt, allow_unused=True)
-        grads[memory] = [torch.zeros_like(t) if g is None else g for g, t in zip(found, wrt)]
+        grads[memory] = [
+            torch.zeros_like(t) if g is None else g for g, t in zip(found, wrt, strict=True)
+        ]
     errors = [rel_err(a, b) for a, b in zip(grads["recompute"], grads["store"], strict=True)]
     assert max(errors) < FLOAT64_TOL
 
