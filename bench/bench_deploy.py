@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from checkout import device_name  # noqa: E402
+from checkout import run_metadata  # noqa: E402
 
 from pyramidflow import Config, PyramidFlow  # noqa: E402
 from pyramidflow.export import AnomalyGraph, export_onnx  # noqa: E402
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
+    meta = run_metadata("cpu", argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
@@ -124,18 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_size(size, repeats, Path(tmp)))
             print(f"{size} px done", file=sys.stderr, flush=True)
     result = {
-        "device": device_name("cpu"),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **meta,
         "onnxruntime": ort.__version__,
         "model": "paper: L=4, S=4, C=16, k=7, CVN, random weights, batch 1, float32",
-        "command": "python bench/bench_deploy.py " + " ".join(argv or sys.argv[1:]),
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deploy_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{result['device']}, {result['threads']} threads, torch {torch.__version__}, "
+    print(f"{result['device_name']}, {result['threads']} threads, torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}")  # fmt: skip
     print("| size | runs | eager torch img/s | onnxruntime img/s | ORT / torch | export s |")
     print("|---|---|---|---|---|---|")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import platform
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,6 @@ def ensure_kernels_importable() -> None:
 
 def device_name(device: str = "cpu") -> str:
     """The GPU's name for a CUDA device, else the CPU model from /proc/cpuinfo."""
-    import platform
-
     if device.startswith("cuda"):
         import torch
 
@@ -40,18 +41,18 @@ def device_name(device: str = "cpu") -> str:
     return platform.processor() or platform.machine()
 
 
-def run_metadata(device: str) -> dict[str, Any]:
+def run_metadata(device: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """What every results file starts with: device and its name, torch version, thread
-    count, the command line that made it and when it started."""
-    import time
-
+    count, the command line that made it (``argv``: the script's arguments when called
+    from Python, default the process's) and when it started."""
     import torch
 
+    arguments = sys.argv[1:] if argv is None else list(argv)
     return {
         "device": device,
         "device_name": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *arguments]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
