@@ -29,11 +29,14 @@ def interpreting() -> bool:
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     """Pick the concrete backend (``torch`` or ``triton``) for an op on ``tensor``.
 
-    ``None`` reads ``$PYRAMIDFLOW_BACKEND`` (default ``auto``). ``auto`` chooses Triton
-    for CUDA tensors when Triton imports, the torch reference otherwise. Forcing
-    ``triton`` on a CPU tensor needs Triton's interpreter.
+    ``None`` and ``auto`` read ``$PYRAMIDFLOW_BACKEND`` (so the variable forces a backend
+    wherever a caller or a config left the choice to the library); when it is unset too,
+    ``auto`` chooses Triton for CUDA tensors when Triton imports, the torch reference
+    otherwise. Forcing ``triton`` on a CPU tensor needs Triton's interpreter.
     """
-    choice = (backend or os.environ.get(ENV_VAR) or "auto").lower()
+    choice = (backend or "auto").lower()
+    if choice == "auto":
+        choice = (os.environ.get(ENV_VAR) or "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(
             f"unknown backend {choice!r} (from argument or ${ENV_VAR}); use one of {BACKENDS}"

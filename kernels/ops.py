@@ -1,8 +1,8 @@
 """Public ops: one signature per op, dispatched to the torch reference or to Triton.
 
 Every op takes ``backend=None | "auto" | "torch" | "triton"`` (see ``_backend``): ``None``
-reads ``$PYRAMIDFLOW_BACKEND`` (default ``auto``); ``auto`` runs Triton for CUDA tensors
-when Triton imports and the torch reference otherwise; ``triton`` on CPU tensors needs
+and ``auto`` read ``$PYRAMIDFLOW_BACKEND`` (default ``auto``); ``auto`` runs Triton for
+CUDA tensors when Triton imports and the torch reference otherwise; ``triton`` on CPU tensors needs
 ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). The Triton implementation of op
 ``name`` is the function ``name`` of the module named in ``TRITON_MODULES``, imported on
 first use (so Triton is never imported on the torch path).

@@ -133,3 +133,29 @@ def test_training_step_on_triton_equals_torch(volume_norm, memory, monkeypatch):
     assert calls["anomaly_map"] == 1
     assert rel_rms(amap, map_ref) <= TOL
     assert rel_rms(score, score_ref) <= TOL
+
+
+@pytest.mark.parametrize("forced", ["triton", "torch"])
+def test_backend_variable_applies_to_a_model_left_on_auto(monkeypatch, forced):
+    from pyramidflow_kernels import coupling_triton, pyramid_triton
+
+    calls: list[str] = []
+    for module, name in (
+        (pyramid_triton, "pyramid_decompose"),
+        (coupling_triton, "affine_coupling"),
+    ):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setenv("PYRAMIDFLOW_BACKEND", forced)
+    config = Config(levels=2, stacks=1, channels=4, kernel_size=3, image_size=(SIZE, SIZE))
+    assert config.backend == "auto"
+    model = PyramidFlow(config).to(DEVICE)
+    with torch.no_grad():
+        model(torch.randn(2, 3, SIZE, SIZE, device=DEVICE))
+    expected = ["pyramid_decompose", "affine_coupling", "affine_coupling"]
+    assert calls == (expected if forced == "triton" else [])
