@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from checkout import run_metadata  # noqa: E402
 
 from pyramidflow import Config, PyramidFlow  # noqa: E402
-from pyramidflow.export import AnomalyGraph, export_onnx  # noqa: E402
+from pyramidflow.io.export import AnomalyGraph, export_onnx  # noqa: E402
 
 
 def paper_model(size: int, seed: int = 0) -> tuple[PyramidFlow, list[torch.Tensor]]:

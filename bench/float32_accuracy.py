@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pyramidflow import Config, PyramidFlow  # noqa: E402
-from pyramidflow.numerics import float32_gradient_error  # noqa: E402
+from pyramidflow.model.numerics import float32_gradient_error  # noqa: E402
 
 GEOMETRIES = [(2, "CVN"), (4, "CVN"), (4, "SVN"), (8, "CVN"), (8, "SVN")]
 

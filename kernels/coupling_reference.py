@@ -4,7 +4,7 @@ From the parameter network's raw output ``h = [s_raw, t]`` (B, 2C, hp, wp):
 s = clamp * 0.636 * atan(s_raw / clamp); s = s - mean (batch mean over the VN dims in
 training, the running mean in eval); when the parameter resolution is a multiple of the
 target's, s and t are nearest-resized (pick every k-th pixel); z = W (exp(s) * x + t),
-W applied per pixel over channels (method.md sections 3-6).
+W applied per pixel over channels (docs/method.md sections 3-6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pure-torch references of the Fourier loss and the anomaly map (method.md 7-8).
+"""Pure-torch references of the Fourier loss and the anomaly map (docs/method.md 7-8).
 
 Both reduce channels before composing the pyramid: compose is linear, so
 mean_c(Compose(d)) = Compose(mean_c(d)) and the pyramid runs on one channel.

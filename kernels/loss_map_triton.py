@@ -1,4 +1,4 @@
-"""Triton Fourier loss and anomaly map (method.md sections 7-8), forward and backward.
+"""Triton Fourier loss and anomaly map (docs/method.md sections 7-8), forward and backward.
 
 Same signatures and semantics as :mod:`loss_map_reference` (the oracle). Channels are
 reduced before composing (compose is linear), so every pyramid runs on one channel.

@@ -1,4 +1,4 @@
-"""Pure-torch reference of the invertible Laplacian pyramid (method.md section 2).
+"""Pure-torch reference of the invertible Laplacian pyramid (docs/method.md section 2).
 
 G is the 5x5 binomial blur ([1,4,6,4,1] outer itself / 256) with zero padding 2,
 Down(x) = maxpool2x2(G(x)), Up(x) = G(pixel-replicate(x)). Everything acts per channel.

@@ -1,10 +1,10 @@
 """pyramidflow: defect localization with PyramidFlow, trained on good images only."""
 
 from .api import Detector, Evaluation, Prediction
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config
-from .model import PyramidFlow
-from .reference_import import load_reference_checkpoint
+from .io.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .io.reference_import import load_reference_checkpoint
+from .model.flow import PyramidFlow
 
 __version__ = "0.1.0"
 

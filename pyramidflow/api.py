@@ -16,13 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data, engine, preprocess
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from . import preprocess
 from .config import Config
 from .errors import DataError
+from .io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .io.datasets import Sample, open_category, training_images
+from .io.images import read_array, read_mask
 from .metrics import evaluate_maps, f1_max
-from .model import PyramidFlow
+from .model.flow import PyramidFlow
+from .model.scoring import anomaly_maps
 from .progress import progress_bar
+from .training.loop import train
+from .training.template import compute_template
 
 ImageLike = str | os.PathLike[str] | np.ndarray
 EpochCallback = Callable[[int, float, "dict[str, float] | None"], None]
@@ -52,7 +57,7 @@ class Evaluation:
     maps: np.ndarray
     masks: np.ndarray
     scores: np.ndarray
-    samples: list[data.Sample]
+    samples: list[Sample]
 
 
 class Detector:
@@ -87,7 +92,8 @@ class Detector:
 
         ``checkpoint_path``: write the training state there after every epoch (and every
         ``checkpoint_every_steps`` steps); ``resume=True`` continues from it when it exists
-        and ends with the weights of an uninterrupted run (see :func:`engine.train`).
+        and ends with the weights of an uninterrupted run (see
+        :func:`pyramidflow.training.loop.train`).
         ``eval_data``: an MVTec-layout category whose test split is evaluated after every
         epoch, in eval mode, without touching the training's RNG or VN statistics; the
         metrics go to ``info["epoch_metrics"]`` (epochs trained in this call only). They
@@ -95,7 +101,7 @@ class Detector:
         ``on_epoch(epoch, mean_loss, metrics_or_None)`` is called after every epoch.
         """
         if eval_data is not None:
-            data.open_category(eval_data)  # fail before training, not after the first epoch
+            open_category(eval_data)  # fail before training, not after the first epoch
         if isinstance(source, torch.Tensor):
             images = self._checked_tensor(source)
         else:
@@ -121,7 +127,7 @@ class Detector:
             if on_epoch is not None:
                 on_epoch(epoch, loss, metrics)
 
-        report = engine.train(
+        report = train(
             model,
             train_images,
             device=self.device,
@@ -131,9 +137,7 @@ class Detector:
             resume=resume,
             on_epoch=after_epoch if eval_data is not None or on_epoch is not None else None,
         )
-        self.template = engine.compute_template(
-            model, train_images, device=self.device, progress=progress
-        )
+        self.template = compute_template(model, train_images, device=self.device, progress=progress)
         source_of_threshold = "held-out good images" if held_out else "training images"
         _, scores = self.score_batch(reference)
         self.threshold = float(np.quantile(scores.numpy(), self.config.threshold_quantile))
@@ -174,7 +178,7 @@ class Detector:
         devices = [self.device.index if self.device.index is not None else 0] if cuda else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
-                self.template = engine.compute_template(model, train_images, device=self.device)
+                self.template = compute_template(model, train_images, device=self.device)
                 return self.evaluate(category).metrics
         finally:
             self.template = None
@@ -191,8 +195,8 @@ class Detector:
 
     def _read_training(self, source: Any, progress: bool) -> tuple[list[np.ndarray], list[str]]:
         if isinstance(source, (str, os.PathLike)):
-            paths = data.training_images(source)
-            arrays = [data.read_array(p) for p in progress_bar(paths, "reading", enabled=progress)]
+            paths = training_images(source)
+            arrays = [read_array(p) for p in progress_bar(paths, "reading", enabled=progress)]
             return arrays, [str(p) for p in paths]
         arrays = [np.asarray(a) for a in source]
         return arrays, [f"array {i}" for i in range(len(arrays))]
@@ -236,7 +240,7 @@ class Detector:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps (N, H, W) at model size and scores (N,) of a normalized batch."""
         model, template = self._ready()
-        return engine.anomaly_maps(
+        return anomaly_maps(
             model, template, images, batch_size=batch_size, device=self.device, progress=progress
         )
 
@@ -299,7 +303,7 @@ class Detector:
                     arrays.append(item)
                 elif isinstance(item, (str, os.PathLike)):
                     name = str(item)
-                    arrays.append(data.read_array(item))
+                    arrays.append(read_array(item))
                 else:
                     raise TypeError(
                         "predict takes image paths, numpy arrays, a list of those or a tensor "
@@ -322,13 +326,13 @@ class Detector:
         """Metrics on an MVTec-layout category's test split. With ``geometry="resize"``
         maps are compared at the model's resolution (masks resized, the paper's protocol);
         with ``"native"`` at the images' own resolution."""
-        folder = data.open_category(category)
+        folder = open_category(category)
         samples = folder.test
         maps, scores, masks = [], [], []
         chunks = range(0, len(samples), batch_size)
         for start in progress_bar(chunks, "evaluating", enabled=progress):
             chunk = samples[start : start + batch_size]
-            arrays = [data.read_array(sample.path) for sample in chunk]
+            arrays = [read_array(sample.path) for sample in chunk]
             batch = torch.stack(
                 [
                     preprocess.prepare(array, self.config, str(sample.path))
@@ -349,7 +353,7 @@ class Detector:
                 if sample.mask_path is None:
                     mask = np.zeros(maps[-1].shape, dtype=bool)
                 else:
-                    raw_mask = data.read_mask(sample.mask_path)
+                    raw_mask = read_mask(sample.mask_path)
                     if raw_mask.shape[:2] != array.shape[:2]:  # before any resize hides it
                         raise DataError(
                             f"{sample.mask_path}: mask is {raw_mask.shape[0]}x"

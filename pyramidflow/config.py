@@ -9,6 +9,9 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyramidflow_kernels import BACKENDS
+from pyramidflow_kernels.coupling_reference import VN_DIMS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,8 +24,7 @@ MVTEC_SVN = frozenset({"carpet", "grid", "bottle", "transistor"})
 MVTEC_LEVELS = {"metal_nut": 8, "carpet": 8, "transistor": 8, "screw": 2}
 
 MEMORY_MODES = ("recompute", "store")
-VOLUME_NORMS = ("CVN", "SVN")
-BACKENDS = ("auto", "torch", "triton")
+VOLUME_NORMS = tuple(VN_DIMS)  # ("CVN", "SVN"), as the coupling op knows them
 MAX_LEVELS = 16  # 2^15 px per side at the least: beyond any image
 _INTEGER_FIELDS = ("levels", "stacks", "channels", "kernel_size", "in_channels", "batch_size",
                    "epochs", "seed")  # fmt: skip
@@ -64,7 +66,7 @@ def _numbers(name: str, values: Any, kind: Any) -> tuple:
 class Config:
     """Everything that defines a model, its preprocessing and its training.
 
-    Defaults are the paper's (method.md): 256 px, L = 4, S = 4, C = 16, k = 7, CVN,
+    Defaults are the paper's (docs/method.md): 256 px, L = 4, S = 4, C = 16, k = 7, CVN,
     batch 2, Adam(2e-4, betas (0.5, 0.9), eps 1e-4, wd 1e-5), clip 1.0, 15 epochs.
     """
 

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import data, preprocess
+from . import preprocess
 from .api import Detector, Evaluation
 from .benchmark import CategoryJob, run_categories
 from .config import Config
+from .io.images import read_array, to_channels
 from .synthetic import DEMO_CATEGORIES, TEXTURE_CATEGORIES, generate_demo_dataset
 from .viz import colorize, overlay
 
@@ -50,9 +51,9 @@ def write_overlays(evaluation: Evaluation, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     vmin, vmax = np.percentile(evaluation.maps, [1.0, 99.9])
     for sample, amap in zip(evaluation.samples, evaluation.maps, strict=True):
-        array = data.read_array(sample.path)
+        array = read_array(sample.path)
         colour = preprocess.array_channels(array) == 3
-        pixels = data.to_channels(array, 3 if colour else 1, str(sample.path))
+        pixels = to_channels(array, 3 if colour else 1, str(sample.path))
         tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         background = preprocess.resize(tensor, amap.shape)[0].permute(1, 2, 0).numpy()
         picture = overlay(background, colorize(amap, vmin, vmax))

@@ -33,9 +33,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import data, preprocess
-from .atomic import atomic_write, remove_stale_temporaries
+from . import preprocess
 from .errors import PyramidFlowError
+from .io.atomic import atomic_write, remove_stale_temporaries
+from .io.images import read_array
 from .viz import colorize, heat_range, mask_image, overlay, to_display
 
 if TYPE_CHECKING:
@@ -396,7 +397,7 @@ def _score_batch(
     tensors = []
     for path, name in batch:
         try:
-            pixels = data.read_array(path)
+            pixels = read_array(path)
             tensors.append(preprocess.prepare(pixels, detector.config, str(path)))
         except PyramidFlowError as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -11,15 +11,17 @@ exactly what training did.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data
 from .config import IMAGENET_MEAN, IMAGENET_STD, Config
 from .errors import DataError
+from .io.images import read_array, resize_mask, to_channels
+from .progress import progress_bar
 
 _MIN_STD = 1e-3  # a constant channel must not divide by zero
 
@@ -54,7 +56,7 @@ def normalize(pixels: torch.Tensor, config: Config) -> torch.Tensor:
 
 
 def _unit_tensor(array: np.ndarray, channels: int, source: str) -> torch.Tensor:
-    pixels = data.to_channels(array, channels, source)
+    pixels = to_channels(array, channels, source)
     return torch.from_numpy(pixels).permute(2, 0, 1)[None]
 
 
@@ -103,7 +105,7 @@ def model_mask(mask: np.ndarray, config: Config) -> np.ndarray:
     """A ground-truth mask in the geometry maps are evaluated in: resized to the model size
     (``resize``, the paper's protocol), or as it is (``native``: maps are cropped)."""
     if config.geometry == "resize":
-        return data.resize_mask(mask, config.image_size)
+        return resize_mask(mask, config.image_size)
     return mask
 
 
@@ -157,3 +159,20 @@ def resolve(config: Config, arrays: Sequence[np.ndarray], names: Sequence[str]) 
         std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(_MIN_STD)
         changes.update(mean=tuple(mean.tolist()), std=tuple(std.tolist()), normalization="dataset")
     return config.replace(**changes)
+
+
+def load_stack(
+    items: Iterable[str | os.PathLike[str] | np.ndarray], config: Config, *, progress: bool = False
+) -> torch.Tensor:
+    """Read images (paths or arrays) and prepare them as the model expects
+    (:func:`prepare`) into one (N, C, H, W) float32 tensor."""
+    items = list(items)
+    if not items:
+        raise DataError("no training images given")
+    out = torch.empty(len(items), config.in_channels, *config.image_size)
+    for i, item in enumerate(progress_bar(items, "reading images", enabled=progress)):
+        if isinstance(item, np.ndarray):
+            out[i] = prepare(item, config, f"array {i}")
+        else:
+            out[i] = prepare(read_array(item), config, str(item))
+    return out

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .atomic import atomic_write_text
+from .io.atomic import atomic_write_text
 
 COLOURS = {"good": "#2b8cbe", "defective": "#e34a33", "unlabelled": "#777777"}
 

@@ -4,7 +4,7 @@ Independent of ``pyramidflow``: it uses the authors' state-dict key names
 (``inconv.weight``, ``nf.moduleslst.{i}.affineParams.conv.{0,2}.weight``,
 ``nf.moduleslst.{i}.affineParams.norm.running_mean``, ``nf.moduleslst.{i}.conv1x1.*``),
 builds the blocks in the authors' order and runs their eval-mode forward with
-straightforward convolutions (method.md sections 1-6, reference_checkpoint.md).
+straightforward convolutions (docs/method.md sections 1-6, reference_checkpoint.md).
 
 A config here is the authors' ``save_dict`` subset: ``num_layer``, ``num_stack``,
 ``channel``, ``ksize``, ``vn_dims`` ((0, 1) = CVN, (0, 2, 3) = SVN).
@@ -101,7 +101,7 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
 
 
 def laplacian_pyramid(x: torch.Tensor, num_layer: int) -> list[torch.Tensor]:
-    """Max-pool Laplacian pyramid, finest first (method.md section 2)."""
+    """Max-pool Laplacian pyramid, finest first (docs/method.md section 2)."""
     gaussians = [x]
     for _ in range(num_layer - 1):
         gaussians.append(F.max_pool2d(_blur(gaussians[-1]), kernel_size=2, stride=2))

@@ -18,7 +18,7 @@ from pyramidflow import (
     load_checkpoint,
     save_checkpoint,
 )
-from pyramidflow.checkpoint import FORMAT_VERSION
+from pyramidflow.io.checkpoint import FORMAT_VERSION
 
 
 def _trained_like_model(volume_norm: str = "CVN", seed: int = 0) -> PyramidFlow:
@@ -95,7 +95,7 @@ def test_save_overwrites_atomically_and_cleans_up_on_failure(
     def broken_fsync(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("pyramidflow.atomic.os.fsync", broken_fsync)
+    monkeypatch.setattr("pyramidflow.io.atomic.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, second)
     assert path.read_bytes() == before

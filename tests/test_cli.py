@@ -82,6 +82,12 @@ OPTIONS = {
     ],
     "evaluate": ["--json", "--overwrite", "--device", "--no-progress"],
     "import-reference": ["--out", "--allow-pickle", "--image-size", "--overwrite"],
+    "export": ["--format", "--out", "--overwrite", "--opset", "--static-batch"],
+    "benchmark": [
+        "--out", "--categories", "--image-size", "--epochs", "--levels", "--stacks", "--channels",
+        "--kernel-size", "--batch-size", "--seed", "--overwrite", "--device", "--no-progress",
+    ],
+    "check": ["--threshold", "--batch-size", "--device"],
 }  # fmt: skip
 
 
@@ -103,10 +109,19 @@ def test_help_of_every_command_mentions_each_option(
 
 
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices)
+    assert sorted(sub.choices) == sorted(OPTIONS)  # every command is covered here
     code, out, _ = run(["--help"], capsys)
     assert code == 0
     for command in OPTIONS:
         assert command in out
+
+
+def test_module_docstring_names_every_command() -> None:
+    import pyramidflow.cli
+
+    for command in OPTIONS:
+        assert f"- ``{command}``:" in pyramidflow.cli.__doc__
 
 
 def test_python_dash_m_help_exits_zero() -> None:

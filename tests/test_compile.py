@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from pyramidflow import Config, PyramidFlow
-from pyramidflow.engine import make_optimizer
+from pyramidflow.training.loop import make_optimizer
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None,

@@ -13,9 +13,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pyramidflow import data
 from pyramidflow.config import Config
 from pyramidflow.errors import DataError
+from pyramidflow.io.datasets import BTAD_LAYOUT, find_categories, open_category, training_images
+from pyramidflow.io.images import expand_inputs, read_array, read_image, read_mask, resize_mask
+from pyramidflow.preprocess import load_stack
 from pyramidflow.synthetic import DEFECT_TYPES, generate_category
 
 RNG = np.random.default_rng(1234)
@@ -37,10 +39,10 @@ def _smooth_rgb(h: int = 32, w: int = 48) -> np.ndarray:
 def test_png_rgb_8bit_is_exact(tmp_path: Path) -> None:
     path = tmp_path / "rgb.png"
     Image.fromarray(RGB8).save(path)
-    raw = data.read_array(path)
+    raw = read_array(path)
     assert raw.dtype == np.uint8 and raw.shape == (12, 20, 3)
     np.testing.assert_array_equal(raw, RGB8)
-    image = data.read_image(path)
+    image = read_image(path)
     assert image.dtype == np.float32 and image.shape == (12, 20, 3)
     np.testing.assert_allclose(image, RGB8 / 255.0, atol=1e-7)
 
@@ -48,12 +50,12 @@ def test_png_rgb_8bit_is_exact(tmp_path: Path) -> None:
 def test_png_gray_8bit_is_repeated_for_an_rgb_model(tmp_path: Path) -> None:
     path = tmp_path / "gray.png"
     Image.fromarray(GRAY8).save(path)
-    assert data.read_array(path).shape == (12, 20)
-    image = data.read_image(path, channels=3)
+    assert read_array(path).shape == (12, 20)
+    image = read_image(path, channels=3)
     assert image.shape == (12, 20, 3)
     for c in range(3):
         np.testing.assert_allclose(image[:, :, c], GRAY8 / 255.0, atol=1e-7)
-    assert data.read_image(path, channels=1).shape == (12, 20, 1)
+    assert read_image(path, channels=1).shape == (12, 20, 1)
 
 
 def test_png_gray_16bit_keeps_16bit_precision(tmp_path: Path) -> None:
@@ -62,10 +64,10 @@ def test_png_gray_16bit_keeps_16bit_precision(tmp_path: Path) -> None:
     pixels[1, 0] = 65535
     path = tmp_path / "gray16.png"
     Image.fromarray(pixels).save(path)
-    raw = data.read_array(path)
+    raw = read_array(path)
     assert raw.dtype == np.uint16
     np.testing.assert_array_equal(raw, pixels)
-    image = data.read_image(path, channels=1)[:, :, 0]
+    image = read_image(path, channels=1)[:, :, 0]
     assert image[2, 2] == pytest.approx(1000 / 65535, rel=1e-6)
     assert image[0, 0] == pytest.approx(1001 / 65535, rel=1e-6)
     assert image[1, 0] == pytest.approx(1.0)
@@ -122,15 +124,15 @@ def test_png_16bit_colour_keeps_every_bit(tmp_path: Path, channels: int) -> None
     pixels = RNG.integers(256, 65536, (6, 9, channels), dtype=np.uint16)
     path = tmp_path / "colour16.png"
     path.write_bytes(_png16(pixels))
-    raw = data.read_array(path)
+    raw = read_array(path)
     assert raw.dtype == np.uint16 and raw.shape == (6, 9, channels)
     np.testing.assert_array_equal(raw, pixels)
     nudged = pixels.copy()
     nudged[2, 3, channels - 1] ^= 1  # the low byte only: lost by any 8-bit reading
     path.write_bytes(_png16(nudged))
-    changed = data.read_array(path) != raw
+    changed = read_array(path) != raw
     assert changed.sum() == 1 and changed[2, 3, channels - 1]
-    colour = data.read_image(path, channels=3 if channels >= 3 else 1)
+    colour = read_image(path, channels=3 if channels >= 3 else 1)
     np.testing.assert_allclose(colour[2, 3, 0], nudged[2, 3, 0] / 65535.0, rtol=1e-6)
 
 
@@ -144,7 +146,7 @@ def test_png_16bit_row_filters_and_interlacing(
     pixels = RNG.integers(0, 65536, (13, 11, channels), dtype=np.uint16)
     path = tmp_path / "filtered16.png"
     path.write_bytes(_png16(pixels, filters, interlace))
-    raw = data.read_array(path)
+    raw = read_array(path)
     np.testing.assert_array_equal(raw.reshape(pixels.shape), pixels)
     if channels > 1:
         with Image.open(path) as img:
@@ -158,7 +160,7 @@ def test_damaged_16bit_colour_png_is_a_data_error(tmp_path: Path) -> None:
     flipped.write_bytes(content[:60] + bytes([content[60] ^ 0xFF]) + content[61:])
     for path in (cut, flipped):
         with pytest.raises(DataError, match=path.name) as info:
-            data.read_array(path)
+            read_array(path)
         assert "\n" not in str(info.value)
 
 
@@ -166,7 +168,7 @@ def test_jpeg_reads_close_to_the_original(tmp_path: Path) -> None:
     pixels = _smooth_rgb()
     path = tmp_path / "photo.jpg"
     Image.fromarray(pixels).save(path, quality=95)
-    image = data.read_image(path)
+    image = read_image(path)
     assert image.shape == (32, 48, 3) and image.dtype == np.float32
     assert np.abs(image - pixels / 255.0).mean() < 3 / 255
 
@@ -174,7 +176,7 @@ def test_jpeg_reads_close_to_the_original(tmp_path: Path) -> None:
 def test_jpeg_cmyk_is_converted_to_rgb_not_treated_as_alpha(tmp_path: Path) -> None:
     path = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(path)  # magenta + yellow ink = red
-    image = data.read_image(path)
+    image = read_image(path)
     assert image.shape == (8, 8, 3)
     assert image[..., 0].mean() > 0.9 and image[..., 1:].mean() < 0.1
 
@@ -182,7 +184,7 @@ def test_jpeg_cmyk_is_converted_to_rgb_not_treated_as_alpha(tmp_path: Path) -> N
 def test_bmp_is_exact(tmp_path: Path) -> None:
     path = tmp_path / "picture.bmp"
     Image.fromarray(RGB8).save(path)
-    np.testing.assert_array_equal(data.read_array(path), RGB8)
+    np.testing.assert_array_equal(read_array(path), RGB8)
 
 
 @pytest.mark.parametrize("suffix", [".tif", ".tiff", ".TIF"])
@@ -190,17 +192,17 @@ def test_tiff_uint16_is_exact(tmp_path: Path, suffix: str) -> None:
     pixels = RNG.integers(0, 65536, (10, 14), dtype=np.uint16)
     path = tmp_path / f"scan{suffix}"
     tifffile.imwrite(path, pixels)
-    raw = data.read_array(path)
+    raw = read_array(path)
     assert raw.dtype == np.uint16
     np.testing.assert_array_equal(raw, pixels)
-    np.testing.assert_allclose(data.read_image(path, 1)[:, :, 0], pixels / 65535.0, rtol=1e-6)
+    np.testing.assert_allclose(read_image(path, 1)[:, :, 0], pixels / 65535.0, rtol=1e-6)
 
 
 def test_tiff_float32_values_are_kept_as_they_are(tmp_path: Path) -> None:
     pixels = np.linspace(-0.25, 1.5, 10 * 14, dtype=np.float32).reshape(10, 14)
     path = tmp_path / "depth.tif"
     tifffile.imwrite(path, pixels)
-    image = data.read_image(path, channels=1)
+    image = read_image(path, channels=1)
     assert image.dtype == np.float32
     np.testing.assert_array_equal(image[:, :, 0], pixels)
 
@@ -208,7 +210,7 @@ def test_tiff_float32_values_are_kept_as_they_are(tmp_path: Path) -> None:
 def test_planar_tiff_becomes_channels_last(tmp_path: Path) -> None:
     path = tmp_path / "planar.tif"
     tifffile.imwrite(path, np.moveaxis(RGB8, -1, 0), photometric="rgb", planarconfig="separate")
-    raw = data.read_array(path)
+    raw = read_array(path)
     assert raw.shape == (12, 20, 3)
     np.testing.assert_array_equal(raw, RGB8)
 
@@ -217,7 +219,7 @@ def test_rgba_alpha_is_dropped(tmp_path: Path) -> None:
     rgba = np.dstack([RGB8, np.full(RGB8.shape[:2], 17, np.uint8)])
     path = tmp_path / "rgba.png"
     Image.fromarray(rgba).save(path)
-    image = data.read_image(path, channels=3)
+    image = read_image(path, channels=3)
     assert image.shape == (12, 20, 3)
     np.testing.assert_allclose(image, RGB8 / 255.0, atol=1e-7)
 
@@ -225,21 +227,21 @@ def test_rgba_alpha_is_dropped(tmp_path: Path) -> None:
 def test_gray_with_alpha_fits_a_gray_model(tmp_path: Path) -> None:
     path = tmp_path / "la.png"
     Image.fromarray(np.dstack([GRAY8, np.full_like(GRAY8, 255)]), mode="LA").save(path)
-    image = data.read_image(path, channels=1)
+    image = read_image(path, channels=1)
     np.testing.assert_allclose(image[:, :, 0], GRAY8 / 255.0, atol=1e-7)
 
 
 def test_palette_png_reads_as_rgb(tmp_path: Path) -> None:
     path = tmp_path / "palette.png"
     Image.fromarray(_smooth_rgb(8, 8)).convert("P").save(path)
-    assert data.read_image(path).shape == (8, 8, 3)
+    assert read_image(path).shape == (8, 8, 3)
 
 
 def test_channel_mismatch_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "colour.png"
     Image.fromarray(RGB8).save(path)
     with pytest.raises(DataError, match="colour.png") as info:
-        data.read_image(path, channels=1)
+        read_image(path, channels=1)
     assert "3 channel" in str(info.value)
 
 
@@ -250,7 +252,7 @@ def test_non_finite_tiff_is_rejected_naming_the_file(tmp_path: Path, bad: float)
     path = tmp_path / "broken_values.tif"
     tifffile.imwrite(path, pixels)
     with pytest.raises(DataError, match="broken_values.tif"):
-        data.read_image(path, channels=1)
+        read_image(path, channels=1)
 
 
 def _first_half(tmp_path: Path, suffix: str) -> bytes:
@@ -281,15 +283,15 @@ def test_unreadable_file_is_a_data_error_naming_it(tmp_path: Path, name: str, ma
     path = tmp_path / name
     path.write_bytes(make(tmp_path))
     with pytest.raises(DataError, match=name.replace(".", r"\.")) as info:
-        data.read_image(path)
+        read_image(path)
     assert "\n" not in str(info.value)
 
 
 def test_missing_file_and_folder_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nothing.png"):
-        data.read_array(tmp_path / "nothing.png")
+        read_array(tmp_path / "nothing.png")
     with pytest.raises(DataError, match=str(tmp_path.name)):
-        data.read_array(tmp_path)
+        read_array(tmp_path)
 
 
 # -- masks -----------------------------------------------------------------------------------
@@ -301,7 +303,7 @@ def test_mask_any_nonzero_pixel_is_defective(tmp_path: Path) -> None:
     mask[6, 6] = 1
     path = tmp_path / "000_mask.png"
     Image.fromarray(mask).save(path)
-    read = data.read_mask(path)
+    read = read_mask(path)
     assert read.dtype == np.bool_
     np.testing.assert_array_equal(read, mask > 0)
 
@@ -312,7 +314,7 @@ def test_rgba_mask_with_opaque_background_marks_only_the_defect(tmp_path: Path) 
     mask[2:4, 2:5, :3] = 255
     path = tmp_path / "rgba_mask.png"
     Image.fromarray(mask).save(path)
-    read = data.read_mask(path)
+    read = read_mask(path)
     assert read.sum() == 6 and read[2:4, 2:5].all()
 
 
@@ -321,7 +323,7 @@ def test_resize_mask_shrinking_keeps_defects_covering_half_a_cell() -> None:
     mask[0:2, 0:2] = True  # a whole 2x2 cell -> cell (0, 0)
     mask[4, 4:6] = True  # exactly half of cell (2, 2)
     mask[7, 0] = True  # a quarter of cell (3, 0): under half, gone
-    small = data.resize_mask(mask, (4, 4))
+    small = resize_mask(mask, (4, 4))
     assert small.dtype == np.bool_ and small.shape == (4, 4)
     expected = np.zeros((4, 4), bool)
     expected[0, 0] = expected[2, 2] = True
@@ -330,17 +332,17 @@ def test_resize_mask_shrinking_keeps_defects_covering_half_a_cell() -> None:
     ring = np.zeros((9, 9), bool)
     ring[0, 0:3] = ring[1, 0] = ring[2, 0] = True
     assert ring[0:3, 0:3].sum() == 5 and not ring[1, 1]
-    assert data.resize_mask(ring, (3, 3)).tolist() == [[True, False, False]] + [[False] * 3] * 2
+    assert resize_mask(ring, (3, 3)).tolist() == [[True, False, False]] + [[False] * 3] * 2
 
 
 def test_resize_mask_enlarging_is_nearest() -> None:
     mask = np.array([[True, False], [False, True]])
-    big = data.resize_mask(mask, (4, 6))
+    big = resize_mask(mask, (4, 6))
     assert big.dtype == np.bool_ and big.shape == (4, 6)
     np.testing.assert_array_equal(big, np.kron(mask, np.ones((2, 3), bool)))
-    odd = data.resize_mask(mask, (5, 7))
+    odd = resize_mask(mask, (5, 7))
     assert odd.sum() > 0 and (~odd).sum() > 0 and odd[0, 0] and odd[-1, -1] and not odd[0, -1]
-    assert data.resize_mask(mask, (2, 2)) is mask
+    assert resize_mask(mask, (2, 2)) is mask
 
 
 # -- stacks ----------------------------------------------------------------------------------
@@ -350,10 +352,10 @@ def test_load_stack_mixes_paths_and_arrays(tmp_path: Path) -> None:
     config = Config(image_size=32, levels=3, stacks=1, channels=8)
     path = tmp_path / "a.png"
     Image.fromarray(RGB8).save(path)
-    stack = data.load_stack([path, GRAY8], config)
+    stack = load_stack([path, GRAY8], config)
     assert tuple(stack.shape) == (2, 3, 32, 32)
     with pytest.raises(DataError):
-        data.load_stack([], config)
+        load_stack([], config)
 
 
 # -- inputs and folders ----------------------------------------------------------------------
@@ -375,15 +377,15 @@ def loose_images(tmp_path: Path) -> Path:
 
 
 def test_expand_inputs_folder_lists_its_images_sorted(loose_images: Path) -> None:
-    found = data.expand_inputs([loose_images])
+    found = expand_inputs([loose_images])
     assert [p.name for p in found] == ["a.jpg", "b.png", "c.tif"]
 
 
 def test_expand_inputs_files_globs_order_and_duplicates(loose_images: Path) -> None:
     single = loose_images / "c.tif"
-    found = data.expand_inputs([single, str(loose_images / "*.png"), loose_images])
+    found = expand_inputs([single, str(loose_images / "*.png"), loose_images])
     assert [p.name for p in found] == ["c.tif", "b.png", "a.jpg"]
-    recursive = data.expand_inputs([str(loose_images / "**" / "*.png")])
+    recursive = expand_inputs([str(loose_images / "**" / "*.png")])
     assert {p.name for p in recursive} == {"b.png", "d.png"}
 
 
@@ -391,14 +393,14 @@ def test_expand_inputs_files_globs_order_and_duplicates(loose_images: Path) -> N
 def test_expand_inputs_missing_paths_name_the_path(loose_images: Path, missing: str) -> None:
     target = str(loose_images / missing)
     with pytest.raises(DataError) as info:
-        data.expand_inputs([loose_images / "b.png", target])
+        expand_inputs([loose_images / "b.png", target])
     assert missing in str(info.value)
 
 
 def test_expand_inputs_folder_without_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(DataError, match=tmp_path.name):
-        data.expand_inputs([tmp_path])
+        expand_inputs([tmp_path])
 
 
 @pytest.fixture(scope="module")
@@ -416,7 +418,7 @@ def category(category_source: Path, tmp_path: Path) -> Path:
 
 
 def test_open_category_reads_the_mvtec_layout(category_source: Path) -> None:
-    folder = data.open_category(category_source)
+    folder = open_category(category_source)
     assert folder.name == "tile"
     assert [p.name for p in folder.train] == ["000.png", "001.png", "002.png", "003.png"]
     types = DEFECT_TYPES["tile"]
@@ -428,27 +430,27 @@ def test_open_category_reads_the_mvtec_layout(category_source: Path) -> None:
     for sample in bad:
         assert sample.mask_path is not None
         assert sample.mask_path.parent == category_source / "ground_truth" / sample.defect_type
-        assert data.read_mask(sample.mask_path).any()
+        assert read_mask(sample.mask_path).any()
 
 
 def test_open_category_missing_root(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="absent_category"):
-        data.open_category(tmp_path / "absent_category")
+        open_category(tmp_path / "absent_category")
 
 
 def test_open_category_missing_train_good_is_named(category: Path) -> None:
     shutil.rmtree(category / "train" / "good")
     with pytest.raises(DataError) as info:
-        data.open_category(category)
+        open_category(category)
     assert str(Path("train") / "good") in str(info.value)
 
 
 def test_open_category_missing_test_is_named_unless_not_needed(category: Path) -> None:
     shutil.rmtree(category / "test")
     with pytest.raises(DataError) as info:
-        data.open_category(category)
+        open_category(category)
     assert str(category / "test") in str(info.value)
-    assert len(data.open_category(category, need_test=False).train) == 4
+    assert len(open_category(category, need_test=False).train) == 4
 
 
 def test_open_category_missing_mask_names_the_ground_truth_folder(category: Path) -> None:
@@ -456,25 +458,25 @@ def test_open_category_missing_mask_names_the_ground_truth_folder(category: Path
     for mask in (category / "ground_truth" / defect).iterdir():
         mask.unlink()
     with pytest.raises(DataError) as info:
-        data.open_category(category)
+        open_category(category)
     message = str(info.value)
     assert str(category / "ground_truth" / defect) in message and "000" in message
 
 
 def test_training_images_mvtec_layout_uses_train_good_only(category_source: Path) -> None:
-    images = data.training_images(category_source)
+    images = training_images(category_source)
     assert len(images) == 4
     assert all(p.parent == category_source / "train" / "good" for p in images)
 
 
 def test_training_images_plain_folder(loose_images: Path, tmp_path: Path) -> None:
-    assert [p.name for p in data.training_images(loose_images)] == ["a.jpg", "b.png", "c.tif"]
+    assert [p.name for p in training_images(loose_images)] == ["a.jpg", "b.png", "c.tif"]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="empty"):
-        data.training_images(empty)
+        training_images(empty)
     with pytest.raises(DataError, match="not_there"):
-        data.training_images(tmp_path / "not_there")
+        training_images(tmp_path / "not_there")
 
 
 # -- BTAD layout and dataset roots -----------------------------------------------------------
@@ -498,8 +500,8 @@ def _btad_category(root: Path, name: str = "01") -> Path:
 
 
 def test_open_category_reads_the_btad_layout(tmp_path: Path) -> None:
-    folder = data.open_category(_btad_category(tmp_path))
-    assert folder.layout == data.BTAD_LAYOUT
+    folder = open_category(_btad_category(tmp_path))
+    assert folder.layout == BTAD_LAYOUT
     assert [p.name for p in folder.train] == ["0000.bmp", "0001.bmp", "0002.bmp"]
     good = [s for s in folder.test if not s.is_defective]
     bad = [s for s in folder.test if s.is_defective]
@@ -509,20 +511,20 @@ def test_open_category_reads_the_btad_layout(tmp_path: Path) -> None:
         assert (
             sample.mask_path == tmp_path / "01" / "ground_truth" / "ko" / f"{sample.path.stem}.png"
         )
-        assert data.read_mask(sample.mask_path).sum() == 20
-    assert data.training_images(tmp_path / "01") == folder.train
+        assert read_mask(sample.mask_path).sum() == 20
+    assert training_images(tmp_path / "01") == folder.train
 
 
 def test_btad_missing_mask_and_missing_train_name_the_folder(tmp_path: Path) -> None:
     category = _btad_category(tmp_path)
     (category / "ground_truth" / "ko" / "0001.png").unlink()
     with pytest.raises(DataError) as info:
-        data.open_category(category)
+        open_category(category)
     assert str(category / "ground_truth" / "ko") in str(info.value)
     assert "0001.png" in str(info.value)
     shutil.rmtree(category / "train" / "ok")
     with pytest.raises(DataError) as info:
-        data.open_category(category)
+        open_category(category)
     message = str(info.value)
     assert str(category / "train" / "good") in message and "train/ok" in message
 
@@ -533,19 +535,19 @@ def test_find_categories_of_roots_and_of_a_category(category_source: Path, tmp_p
         _btad_category(btad, name)
     (btad / "readme.txt").write_text("not a category")
     (btad / "scratch").mkdir()  # a folder without train/ok is not a category
-    assert [p.name for p in data.find_categories(btad)] == ["01", "02", "03"]
-    assert data.find_categories(btad / "02") == [btad / "02"]
+    assert [p.name for p in find_categories(btad)] == ["01", "02", "03"]
+    assert find_categories(btad / "02") == [btad / "02"]
     mvtec = category_source.parent
-    assert data.find_categories(mvtec) == [category_source]
+    assert find_categories(mvtec) == [category_source]
 
 
 def test_find_categories_errors_name_the_root(tmp_path: Path) -> None:
     empty = tmp_path / "empty_root"
     (empty / "bottle" / "train").mkdir(parents=True)
     with pytest.raises(DataError, match="empty_root: no dataset categories found"):
-        data.find_categories(empty)
+        find_categories(empty)
     with pytest.raises(DataError, match="missing_root: no such dataset folder"):
-        data.find_categories(tmp_path / "missing_root")
+        find_categories(tmp_path / "missing_root")
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tiff"])
@@ -556,6 +558,6 @@ def test_read_array_gives_a_writable_array_for_every_format(tmp_path: Path, suff
         tifffile.imwrite(path, pixels)
     else:
         Image.fromarray(pixels).save(path)
-    array = data.read_array(path)
+    array = read_array(path)
     array[0, 0] = 0  # callers may edit what they read
     assert array.flags.writeable

@@ -1,6 +1,6 @@
 """Two gloo processes on the CPU equal the documented single-process run.
 
-A run on R ranks with per-rank batch b equals ``engine.train(..., pair_groups=R)`` with
+A run on R ranks with per-rank batch b equals ``loop.train(..., pair_groups=R)`` with
 batch R*b on one process: same global batches and augmentation, VN mean over the global
 batch, Siamese pairs only inside each rank's b images (see pyramidflow/distributed.py).
 """
@@ -19,9 +19,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from pyramidflow import Config, Detector, PyramidFlow, engine
-from pyramidflow.checkpoint import load_checkpoint
+import pyramidflow.api
+from pyramidflow import Config, Detector, PyramidFlow
+from pyramidflow.io.checkpoint import load_checkpoint
 from pyramidflow.synthetic import generate_category
+from pyramidflow.training import loop
+from pyramidflow.training.template import compute_template
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -38,7 +41,10 @@ WORKER = textwrap.dedent(
     import sys
     import torch
     from safetensors.torch import save_file
-    from pyramidflow import Config, PyramidFlow, distributed, engine
+    from pyramidflow import Config, PyramidFlow
+    from pyramidflow.training import distributed
+    from pyramidflow.training import loop
+    from pyramidflow.training.template import compute_template
 
     out, configs = sys.argv[1], eval(sys.argv[2])
     device = distributed.init_from_env()  # what a torchrun script does
@@ -46,17 +52,17 @@ WORKER = textwrap.dedent(
     if rank != 0:  # only rank 0 may write checkpoints
         def forbidden(*args, **kwargs):
             raise AssertionError("rank 1 wrote a checkpoint")
-        engine.save_checkpoint = forbidden
+        loop.save_checkpoint = forbidden
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     results = {}
     for name, values in configs.items():
         config = Config(**values)
         torch.manual_seed(config.seed)
         model = PyramidFlow(config)
-        report = engine.train(model, images, config, device=device,
+        report = loop.train(model, images, config, device=device,
                               checkpoint_path=f"{out}/{name}.safetensors")
         assert report.steps == 2, report
-        template = engine.compute_template(model, images, batch_size=3)
+        template = compute_template(model, images, batch_size=3)
         results.update({f"{name}.{k}": v.contiguous() for k, v in model.state_dict().items()})
         results.update({f"{name}.template.{i}": t for i, t in enumerate(template)})
         results[f"{name}.losses"] = torch.tensor(report.epoch_losses, dtype=torch.float64)
@@ -115,9 +121,9 @@ def _single_process(name: str, **changes) -> tuple[dict[str, torch.Tensor], list
     config = Config(**{**CONFIGS[name], "batch_size": 4})
     torch.manual_seed(config.seed)
     model = PyramidFlow(config)
-    report = engine.train(model, _images(), config, **changes)
+    report = loop.train(model, _images(), config, **changes)
     assert report.steps == 2
-    template = engine.compute_template(model, _images(), batch_size=3)
+    template = compute_template(model, _images(), batch_size=3)
     return dict(model.state_dict()), template
 
 
@@ -186,8 +192,10 @@ def test_train_command_under_torchrun_equals_one_process_with_pairs_per_rank(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors", "disc"]  # no state
     trained = Detector.load(out)
 
-    real_train = engine.train
-    monkeypatch.setattr(engine, "train", lambda *a, **k: real_train(*a, **{**k, "pair_groups": 2}))
+    real_train = loop.train
+    monkeypatch.setattr(
+        pyramidflow.api, "train", lambda *a, **k: real_train(*a, **{**k, "pair_groups": 2})
+    )
     single = Detector(
         Config(
             image_size=32,

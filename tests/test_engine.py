@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pyramidflow import Config, Detector, PyramidFlow, engine
+from pyramidflow import Config, Detector, PyramidFlow
 from pyramidflow.errors import TrainingError
+from pyramidflow.model.scoring import anomaly_maps
 from pyramidflow.synthetic import generate_category
+from pyramidflow.training import loop
+from pyramidflow.training.template import compute_template
 
 TINY = dict(image_size=32, levels=3, stacks=1, channels=8, kernel_size=3, epochs=1)
 
@@ -29,7 +32,7 @@ def _train_tiny(seed: int, **changes) -> PyramidFlow:
     config = Config(**{**TINY, "seed": seed, "augment": True, **changes})
     torch.manual_seed(seed)
     model = PyramidFlow(config)
-    engine.train(model, _images(6), config)
+    loop.train(model, _images(6), config)
     return model
 
 
@@ -46,7 +49,7 @@ def test_training_changes_the_weights_and_lowers_the_loss() -> None:
     torch.manual_seed(0)
     model = PyramidFlow(config)
     before = _weights(model)
-    report = engine.train(model, _images(8), config)
+    report = loop.train(model, _images(8), config)
     assert report.steps == 6 * 4
     assert report.epoch_losses[-1] < report.epoch_losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
@@ -54,7 +57,7 @@ def test_training_changes_the_weights_and_lowers_the_loss() -> None:
 
 
 def test_epochs_drop_the_incomplete_batch_and_never_repeat_an_image() -> None:
-    batches = engine.epoch_batches(7, 2, torch.Generator().manual_seed(0))
+    batches = loop.epoch_batches(7, 2, torch.Generator().manual_seed(0))
     assert [len(b) for b in batches] == [2, 2, 2]
     seen = torch.cat(batches)
     assert len(set(seen.tolist())) == 6
@@ -63,25 +66,25 @@ def test_epochs_drop_the_incomplete_batch_and_never_repeat_an_image() -> None:
 def test_augmentation_only_flips_and_rotates() -> None:
     batch = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     generator = torch.Generator().manual_seed(1)
-    variants = {tuple(engine.augment(batch, generator)[0, 0].flatten().tolist()) for _ in range(40)}
+    variants = {tuple(loop.augment(batch, generator)[0, 0].flatten().tolist()) for _ in range(40)}
     assert len(variants) == 8  # the dihedral group of the square, reached by flips and rot90
-    out = engine.augment(batch, generator)
+    out = loop.augment(batch, generator)
     for image, original in zip(out, batch, strict=True):
         assert torch.equal(image.flatten().sort().values, original.flatten().sort().values)
     wide = torch.randn(2, 3, 4, 8)
-    assert engine.augment(wide, generator).shape == wide.shape  # no rot90 off the square
+    assert loop.augment(wide, generator).shape == wide.shape  # no rot90 off the square
 
 
 def test_training_refuses_unusable_settings() -> None:
     model = PyramidFlow(Config(**TINY))
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
-        engine.train(model, _images(4), Config(**TINY, batch_size=1))
+        loop.train(model, _images(4), Config(**TINY, batch_size=1))
     with pytest.raises(ValueError, match="fewer than one batch"):
-        engine.train(model, _images(1), Config(**TINY))
+        loop.train(model, _images(1), Config(**TINY))
     broken = _images(4)
     broken[0, 0, 0, 0] = float("nan")
     with pytest.raises(TrainingError, match="loss became nan"):
-        engine.train(model, broken, Config(**TINY))
+        loop.train(model, broken, Config(**TINY))
 
 
 def test_a_training_step_reads_one_value_back_to_the_host(
@@ -100,7 +103,7 @@ def test_a_training_step_reads_one_value_back_to_the_host(
         monkeypatch.setattr(torch.Tensor, name, counted)
     config = Config(**{**TINY, "epochs": 2, "augment": False})
     torch.manual_seed(0)
-    report = engine.train(PyramidFlow(config), _images(6), config)
+    report = loop.train(PyramidFlow(config), _images(6), config)
     monkeypatch.undo()
     assert report.steps == 6 and len(reads) == report.steps, reads
 
@@ -108,7 +111,7 @@ def test_a_training_step_reads_one_value_back_to_the_host(
 def test_template_is_the_eval_mean_of_training_latents() -> None:
     model = _train_tiny(0)
     images = _images(5, seed=9)
-    template = engine.compute_template(model, images, batch_size=2)
+    template = compute_template(model, images, batch_size=2)
     model.eval()
     with torch.no_grad():
         direct = [z.double().mean(0) for z in model(images)]
@@ -120,11 +123,11 @@ def test_template_is_the_eval_mean_of_training_latents() -> None:
 def test_maps_have_input_resolution_and_the_score_is_their_maximum() -> None:
     model = _train_tiny(0)
     images = _images(5, seed=2)
-    template = engine.compute_template(model, images)
-    maps, scores = engine.anomaly_maps(model, template, images, batch_size=2)
+    template = compute_template(model, images)
+    maps, scores = anomaly_maps(model, template, images, batch_size=2)
     assert maps.shape == (5, 32, 32)
     torch.testing.assert_close(scores, maps.flatten(1).max(1).values)
-    single, _ = engine.anomaly_maps(model, template, images[3:4])
+    single, _ = anomaly_maps(model, template, images[3:4])
     torch.testing.assert_close(single[0], maps[3])  # eval: independent of the batch
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from pyramidflow import CheckpointError, Config, Detector, PyramidFlow, save_checkpoint
-from pyramidflow.export import (
+from pyramidflow.cli import export as export_command
+from pyramidflow.io.export import (
     ExportError,
-    add_export_command,
     export_checkpoint,
     export_onnx,
     export_program,
@@ -176,12 +176,12 @@ def test_export_checkpoint_refuses_what_it_cannot_export(tmp_path):
 
 def _export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyramidflow")
-    add_export_command(parser.add_subparsers(dest="command", required=True))
+    export_command.add_command(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def test_export_command_writes_a_program_and_refuses_to_overwrite(detector, tmp_path, capsys):
-    from pyramidflow.cli import UsageError
+    from pyramidflow.cli.common import UsageError
 
     model_path = detector.save(tmp_path / "grain.safetensors")
     out = tmp_path / "grain.pt2"

@@ -15,9 +15,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from pyramidflow import Config, Detector, data
+from pyramidflow import Config, Detector
 from pyramidflow.cli import main
 from pyramidflow.config import IMAGENET_MEAN, IMAGENET_STD
+from pyramidflow.io.images import read_array
 
 TINY = dict(image_size=32, levels=2, stacks=1, channels=4, kernel_size=3, epochs=1, batch_size=2)
 TRAIN_SHAPE = (24, 40)  # non-square, smaller than the model size
@@ -110,7 +111,7 @@ def _write(fmt: Format, path: Path, pixels: np.ndarray) -> Path:
     """Write ``pixels`` and check the file reads back with its dtype, shape and (lossless
     formats) every value: otherwise the test would not test the format it names."""
     fmt.write(path, pixels)
-    back = data.read_array(path)
+    back = read_array(path)
     assert back.dtype == pixels.dtype and back.shape == pixels.shape, (back.dtype, back.shape)
     if fmt.lossless:
         assert np.array_equal(back, pixels)
@@ -205,7 +206,7 @@ def test_16bit_png_changes_below_one_8bit_step_change_the_map(
     8-bit value (high byte or value / 257, rounded) changes: no silent 8-bit cast."""
     run = trained("png16_gray")
     det = Detector.load(run.model)
-    image = data.read_array(run.image).copy()
+    image = read_array(run.image).copy()
     assert image.dtype == np.uint16 and image.min() > 255
     region = (slice(16, 24), slice(24, 32))
     # values 257 k - 50 stay in one 8-bit step however they are cast, also after +100

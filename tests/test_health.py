@@ -11,15 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pyramidflow import Config, PyramidFlow, engine
-from pyramidflow.checkpoint import save_checkpoint
+from pyramidflow import Config, PyramidFlow
+from pyramidflow.cli import check as check_command
 from pyramidflow.health import (
     DEFAULT_THRESHOLD,
     NumericalHealthWarning,
-    add_check_command,
     check_reconstruction,
     reconstruction_error,
 )
+from pyramidflow.io.checkpoint import save_checkpoint
+from pyramidflow.training import loop
 
 TINY = dict(image_size=32, levels=3, stacks=1, channels=8, kernel_size=3, epochs=1)
 
@@ -32,7 +33,7 @@ def _images(n: int = 5) -> torch.Tensor:
 def trained() -> PyramidFlow:
     torch.manual_seed(0)
     model = PyramidFlow(Config(**TINY, lr=1e-3))
-    engine.train(model, _images(6))
+    loop.train(model, _images(6))
     return model
 
 
@@ -76,7 +77,7 @@ def test_squashed_or_overflowing_scales_are_flagged(trained: PyramidFlow) -> Non
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyramidflow")
-    add_check_command(parser.add_subparsers(dest="command", required=True))
+    check_command.add_command(parser.add_subparsers(dest="command", required=True))
     return parser
 
 

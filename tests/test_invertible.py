@@ -21,7 +21,7 @@ import torch
 from pyramidflow_kernels.pyramid_reference import compose
 
 from pyramidflow import Config, PyramidFlow
-from pyramidflow.numerics import (
+from pyramidflow.model.numerics import (
     float32_gradient_error,
     latent_objective,
     recorded_activation_pattern,

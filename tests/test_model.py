@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from pyramidflow_kernels.coupling_reference import soft_clamp
 
 from pyramidflow import Config, PyramidFlow
-from pyramidflow.layers import CouplingBlock, InvertibleConv1x1, block_plan
+from pyramidflow.model.layers import CouplingBlock, InvertibleConv1x1, block_plan
 
 VN_KINDS = ("CVN", "SVN")
-# method.md section 3: CVN averages over batch and channels (one mean per pixel), SVN over
+# docs/method.md section 3: CVN averages over batch and channels (one mean per pixel), SVN over
 # batch, height and width (one mean per channel)
 VN_DIMS = {"CVN": (0, 1), "SVN": (0, 2, 3)}
 
@@ -86,7 +86,7 @@ def random_levels(
 
 
 def straightforward_decompose(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    """method.md section 2 written out: non-separable 5x5 binomial kernel, nearest resize."""
+    """docs/method.md section 2 written out: non-separable 5x5 binomial kernel, nearest resize."""
     taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype)
     kernel = torch.outer(taps, taps) / 256.0
     channels = x.shape[1]

@@ -11,11 +11,11 @@ import tifffile
 import torch
 from PIL import Image
 
-from pyramidflow import Config, Detector, data
+from pyramidflow import Config, Detector
 from pyramidflow.cli import main
 from pyramidflow.config import IMAGENET_MEAN, IMAGENET_STD
 from pyramidflow.errors import DataError
-from pyramidflow.preprocess import padded_size, prepare, restore_map
+from pyramidflow.preprocess import load_stack, padded_size, prepare, restore_map
 from pyramidflow.report import ReportItem, write_report
 from pyramidflow.synthetic import generate_category
 
@@ -129,7 +129,7 @@ def test_load_stack_and_check_use_native_geometry(
     folder.mkdir()
     for i, array in enumerate(arrays[:3]):
         Image.fromarray(array).save(folder / f"{i}.png")
-    stack = data.load_stack(sorted(folder.iterdir()), det.config)
+    stack = load_stack(sorted(folder.iterdir()), det.config)
     assert tuple(stack.shape) == (3, 3, 32, 48)
     for i in range(3):
         torch.testing.assert_close(stack[i], prepare(arrays[i], det.config), rtol=0, atol=0)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyramidflow import Detector, Prediction, data
+from pyramidflow import Detector, Prediction
+from pyramidflow.io.images import read_array
 from pyramidflow.synthetic import generate_demo_dataset
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -53,7 +54,7 @@ def test_python_api_example_runs(
         n_test_defect_per_type=1,
     )
     image_path = root / "grain/test/crack/000.png"
-    image_shape = data.read_array(image_path).shape[:2]
+    image_shape = read_array(image_path).shape[:2]
 
     namespace: dict[str, object] = {"__name__": "readme_example"}
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own code

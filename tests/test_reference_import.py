@@ -14,12 +14,12 @@ import torch
 from numpy.lib import format as npy_format
 
 from pyramidflow import Config, load_checkpoint, load_reference_checkpoint, save_checkpoint
-from pyramidflow.layers import block_plan
-from pyramidflow.reference_import import (
+from pyramidflow.io.reference_import import (
     ReferenceImportError,
     convert_reference_state_dict,
     model_from_reference_state_dict,
 )
+from pyramidflow.model.layers import block_plan
 
 try:
     import authors_model

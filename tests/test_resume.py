@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import pyramidflow.atomic as atomic_module
-from pyramidflow import Config, PyramidFlow, engine
-from pyramidflow.checkpoint import load_checkpoint
+import pyramidflow.io.atomic as atomic_module
+from pyramidflow import Config, PyramidFlow
 from pyramidflow.errors import TrainingError
+from pyramidflow.io.checkpoint import load_checkpoint
+from pyramidflow.training import loop
 
 TINY = dict(image_size=32, levels=3, stacks=1, channels=8, kernel_size=3, augment=True)
 CONFIG = Config(**TINY, epochs=3, lr=1e-3)
@@ -42,11 +43,11 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.fixture(scope="module")
-def straight() -> dict[int, tuple[dict[str, torch.Tensor], engine.TrainReport]]:
+def straight() -> dict[int, tuple[dict[str, torch.Tensor], loop.TrainReport]]:
     """One uninterrupted 3-epoch run: its state after epochs 1, 2 and 3."""
     model = _model()
     states: dict[int, dict[str, torch.Tensor]] = {}
-    report = engine.train(
+    report = loop.train(
         model,
         _images(),
         CONFIG,
@@ -57,12 +58,12 @@ def straight() -> dict[int, tuple[dict[str, torch.Tensor], engine.TrainReport]]:
 
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(straight, tmp_path: Path) -> None:
     path = tmp_path / "state.safetensors"
-    engine.train(_model(), _images(), CONFIG.replace(epochs=1), checkpoint_path=path)
+    loop.train(_model(), _images(), CONFIG.replace(epochs=1), checkpoint_path=path)
     saved = load_checkpoint(path)
     assert saved.info["epoch"] == 1 and saved.info["step"] == 3
 
     fresh = _model(seed=123)  # other initial weights: everything must come from the file
-    report = engine.train(fresh, _images(), CONFIG, checkpoint_path=path, resume=True)
+    report = loop.train(fresh, _images(), CONFIG, checkpoint_path=path, resume=True)
     reference_state, reference_report = straight[3]
     _assert_same(_state(fresh), reference_state)  # bit for bit on the CPU
     assert report.start_epoch == 1 and report.steps == reference_report.steps == 9
@@ -76,16 +77,14 @@ def test_resume_without_a_file_starts_from_scratch_and_refuses_other_settings(
 ) -> None:
     path = tmp_path / "new.safetensors"
     model = _model()
-    engine.train(model, _images(), CONFIG.replace(epochs=1), checkpoint_path=path, resume=True)
+    loop.train(model, _images(), CONFIG.replace(epochs=1), checkpoint_path=path, resume=True)
     _assert_same(_state(model), straight[1][0])
     with pytest.raises(TrainingError, match="different config.*lr"):
-        engine.train(
-            _model(), _images(), CONFIG.replace(lr=1e-4), checkpoint_path=path, resume=True
-        )
+        loop.train(_model(), _images(), CONFIG.replace(lr=1e-4), checkpoint_path=path, resume=True)
     with pytest.raises(TrainingError, match="other images"):
-        engine.train(_model(), _images(8), CONFIG, checkpoint_path=path, resume=True)
+        loop.train(_model(), _images(8), CONFIG, checkpoint_path=path, resume=True)
     with pytest.raises(ValueError, match="needs a checkpoint_path"):
-        engine.train(_model(), _images(), CONFIG, resume=True)
+        loop.train(_model(), _images(), CONFIG, resume=True)
 
 
 def test_checkpoints_are_written_every_n_epochs_and_after_the_last(tmp_path: Path) -> None:
@@ -95,7 +94,7 @@ def test_checkpoints_are_written_every_n_epochs_and_after_the_last(tmp_path: Pat
     def on_epoch(epoch: int, loss: float) -> None:
         seen.append(load_checkpoint(path).info["epoch"] if path.exists() else None)
 
-    engine.train(
+    loop.train(
         _model(), _images(), CONFIG, checkpoint_path=path, checkpoint_every=2, on_epoch=on_epoch
     )
     assert seen == [None, 2, 3]
@@ -114,7 +113,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
             images[:, 0, 5, 5] = float("inf")  # every later batch is broken
 
     with pytest.raises(TrainingError, match="loss became (nan|inf) at epoch 2, step 4"):
-        engine.train(_model(), images, CONFIG, checkpoint_path=path, on_epoch=poison)
+        loop.train(_model(), images, CONFIG, checkpoint_path=path, on_epoch=poison)
     assert path.read_bytes() == snapshot["bytes"]
     saved = load_checkpoint(path)
     assert saved.info["epoch"] == 1
@@ -122,7 +121,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     _assert_same(saved.model.state_dict(), straight[1][0])
 
     fixed = _model(seed=7)  # with the data repaired, resuming gives the uninterrupted run
-    engine.train(fixed, _images(), CONFIG, checkpoint_path=path, resume=True)
+    loop.train(fixed, _images(), CONFIG, checkpoint_path=path, resume=True)
     _assert_same(_state(fixed), straight[3][0])
 
 
@@ -130,7 +129,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(
     straight, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "state.safetensors"
-    engine.train(_model(), _images(), CONFIG.replace(epochs=1), checkpoint_path=path)
+    loop.train(_model(), _images(), CONFIG.replace(epochs=1), checkpoint_path=path)
     before = path.read_bytes()
     real_open = open
 
@@ -155,16 +154,14 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(
         atomic_module, "open", lambda name, mode: HalfWrite(real_open(name, mode)), raising=False
     )
     with pytest.raises(TrainingError, match="could not write the training checkpoint"):
-        engine.train(
-            _model(), _images(), CONFIG.replace(epochs=2), checkpoint_path=path, resume=True
-        )
+        loop.train(_model(), _images(), CONFIG.replace(epochs=2), checkpoint_path=path, resume=True)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors"]  # no temp left
     assert load_checkpoint(path).info["epoch"] == 1
 
     model = _model(seed=5)
-    engine.train(model, _images(), CONFIG.replace(epochs=2), checkpoint_path=path, resume=True)
+    loop.train(model, _images(), CONFIG.replace(epochs=2), checkpoint_path=path, resume=True)
     _assert_same(_state(model), straight[2][0])
 
 
@@ -179,7 +176,7 @@ def test_step_checkpoints_resume_in_the_middle_of_an_epoch(straight, tmp_path: P
             raise StopError
 
     with pytest.raises(StopError):
-        engine.train(
+        loop.train(
             _model(), _images(), CONFIG, checkpoint_path=path, checkpoint_every_steps=2,
             on_step=stop_at_step_5,
         )  # fmt: skip
@@ -187,13 +184,13 @@ def test_step_checkpoints_resume_in_the_middle_of_an_epoch(straight, tmp_path: P
     assert (info["epoch"], info["batch"], info["step"]) == (1, 1, 4)  # 3 steps per epoch
 
     fresh = _model(seed=11)
-    report = engine.train(
+    report = loop.train(
         fresh, _images(), CONFIG, checkpoint_path=path, checkpoint_every_steps=2, resume=True
     )
     _assert_same(_state(fresh), straight[3][0])
     assert report.epoch_losses == straight[3][1].epoch_losses and report.steps == 9
     with pytest.raises(ValueError, match="checkpoint_every_steps must be >= 1"):
-        engine.train(_model(), _images(), CONFIG, checkpoint_path=path, checkpoint_every_steps=0)
+        loop.train(_model(), _images(), CONFIG, checkpoint_path=path, checkpoint_every_steps=0)
 
 
 SCRIPT = textwrap.dedent(
@@ -201,8 +198,9 @@ SCRIPT = textwrap.dedent(
     import os, signal, sys
     import torch
     from safetensors.torch import save_file
-    import pyramidflow.atomic
-    from pyramidflow import Config, PyramidFlow, engine
+    import pyramidflow.io.atomic
+    from pyramidflow import Config, PyramidFlow
+    from pyramidflow.training import loop
 
     path, kill_at_step, die_in_save, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     config = Config(image_size=32, levels=3, stacks=1, channels=8, kernel_size=3, augment=True,
@@ -216,8 +214,8 @@ SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a hard kill
 
     if die_in_save == "yes":  # the temporary file is written, the process dies before rename
-        pyramidflow.atomic.os.replace = lambda *args: os._exit(3)
-    engine.train(model, images, config, checkpoint_path=path, resume=True, on_step=on_step)
+        pyramidflow.io.atomic.os.replace = lambda *args: os._exit(3)
+    loop.train(model, images, config, checkpoint_path=path, resume=True, on_step=on_step)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
     """
 )

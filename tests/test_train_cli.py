@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from pyramidflow import Config, Detector
-from pyramidflow.checkpoint import load_checkpoint
-from pyramidflow.cli import main, train_state_path
+from pyramidflow.cli import main
+from pyramidflow.cli.train import train_state_path
+from pyramidflow.io.checkpoint import load_checkpoint
 from pyramidflow.synthetic import generate_category
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +35,17 @@ ENV.pop("PYRAMIDFLOW_DEBUG", None)
 RUNNER = textwrap.dedent(
     """
     import sys, time
-    import pyramidflow.engine as engine
+    from pyramidflow.training import loop
     from pyramidflow.cli import main
 
     if sys.argv[1] == "stall":
-        real_save = engine._save_state
+        real_save = loop._save_state
 
         def save_then_stall(*args, **kwargs):
             real_save(*args, **kwargs)
             time.sleep(600)
 
-        engine._save_state = save_then_stall
+        loop._save_state = save_then_stall
     sys.exit(main(sys.argv[2:]))
     """
 )

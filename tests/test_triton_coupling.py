@@ -210,7 +210,7 @@ def _randomize_parameter_nets(model, seed):
 @pytest.mark.parametrize("volume_norm", ["CVN", "SVN"])
 def test_training_step_with_triton_coupling_equals_torch(volume_norm):
     from pyramidflow.config import Config
-    from pyramidflow.model import PyramidFlow
+    from pyramidflow.model.flow import PyramidFlow
 
     torch.manual_seed(0)
     config = Config(image_size=16, levels=3, stacks=1, channels=4, volume_norm=volume_norm)

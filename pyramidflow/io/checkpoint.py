@@ -20,9 +20,10 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from ..config import Config
+from ..errors import PyramidFlowError
+from ..model.flow import PyramidFlow, level_sizes
 from .atomic import atomic_write
-from .config import Config
-from .model import PyramidFlow, level_sizes
 
 FORMAT_NAME = "pyramidflow"
 FORMAT_VERSION = 1
@@ -31,7 +32,7 @@ TEMPLATE_PREFIX = "template."
 EXTRA_PREFIX = "extra."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PyramidFlowError, ValueError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 

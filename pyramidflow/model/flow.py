@@ -9,7 +9,7 @@ import pyramidflow_kernels as ops
 import torch
 from torch import nn
 
-from .config import Config
+from ..config import Config
 from .invertible import InvertibleSequence
 from .layers import CouplingBlock, InputProjection, block_plan
 

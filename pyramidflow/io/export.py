@@ -15,7 +15,6 @@ file ``pyramidflow.json``), see :func:`deployment_metadata`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -26,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import Config
+from ..errors import PyramidFlowError
+from ..model.flow import PyramidFlow
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config
-from .errors import PyramidFlowError
-from .model import PyramidFlow
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18
@@ -210,43 +209,3 @@ def export_checkpoint(
 
 
 # -- command line -------------------------------------------------------------------------
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """``pyramidflow export MODEL --format onnx|pt2 --out PATH [--overwrite]``."""
-    from .cli import UsageError  # the command line sits above this module
-
-    out = Path(args.out)
-    if out.is_dir():
-        raise UsageError(f"{out} is a folder; give the path of a file to write")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    path = export_checkpoint(
-        args.model, out, args.format, opset=args.opset, dynamic_batch=not args.static_batch
-    )
-    print(f"wrote {path} ({args.format}; input {INPUT_NAME!r}, outputs {', '.join(OUTPUT_NAMES)})")
-    return 0
-
-
-def add_export_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``export`` on the ``add_subparsers()`` object of the ``pyramidflow`` parser;
-    its handler is ``args.func`` and returns the exit code."""
-    p = subparsers.add_parser(
-        "export",
-        help="export a model as an ONNX or torch.export (.pt2) inference graph",
-        description="Write MODEL's inference graph: normalized images (B, C, H, W) -> anomaly "
-        "map (B, H, W) and score (B,), template included, dynamic batch size. Preprocessing "
-        "and the threshold are stored as metadata beside the graph.",
-    )
-    p.add_argument("model", type=Path, help="model file written by `train`")
-    p.add_argument("--format", choices=FORMATS, required=True, help="onnx or pt2")
-    p.add_argument("--out", type=Path, required=True, help="file to write (.onnx or .pt2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
-    )
-    p.add_argument(
-        "--static-batch", action="store_true", help="fix the batch size to 1 instead of dynamic"
-    )
-    p.set_defaults(func=cmd_export)
-    return p

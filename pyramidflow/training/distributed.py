@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers import CouplingBlock
+from ..model.layers import CouplingBlock
 
 
 def is_active() -> bool:

@@ -1,4 +1,4 @@
-"""Training loop, latent template and batched inference (method.md sections 7 and 8)."""
+"""The training loop with resumable state (docs/method.md section 7)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from ..config import Config
+from ..errors import TrainingError
+from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..model.flow import PyramidFlow
+from ..progress import counter_bar
 from . import distributed as dist_tools
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config
-from .errors import TrainingError
-from .model import PyramidFlow, level_sizes
-from .progress import counter_bar, progress_bar
 
 
 @dataclass
@@ -419,69 +419,3 @@ def train(
     report.seconds = time.perf_counter() - start
     model.eval()
     return report
-
-
-def _batches(n: int, batch_size: int) -> list[slice]:
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-@torch.no_grad()
-def compute_template(
-    model: PyramidFlow,
-    images: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-    distributed: bool | None = None,
-) -> list[torch.Tensor]:
-    """Mean latent of the training images in eval mode, summed in float64: L tensors
-    (C, h_l, w_l), finest first, in the model's dtype.
-
-    ``distributed`` (default: whether a process group of > 1 process is initialized): every
-    rank passes all images, encodes its contiguous share and the float64 sums and counts
-    are all-reduced, so every rank returns the same template."""
-    if images.shape[0] == 0:
-        raise ValueError("the template needs at least one training image")
-    if distributed is None:
-        distributed = dist_tools.is_active()
-    model.to(device).eval()
-    part_of = dist_tools.shard(images.shape[0]) if distributed else slice(None)
-    mine = images[part_of]
-    sizes = level_sizes(model.config.image_size, model.config.levels)
-    sums = [
-        torch.zeros(model.config.channels, h, w, dtype=torch.float64, device=device)
-        for h, w in sizes
-    ]
-    show = progress and (not distributed or dist_tools.rank() == 0)
-    for part in progress_bar(_batches(mine.shape[0], batch_size), "template", enabled=show):
-        latents = model(mine[part].to(device))
-        for total, z in zip(sums, latents, strict=True):
-            total += z.sum(0, dtype=torch.float64)
-    count = torch.tensor([float(mine.shape[0])], dtype=torch.float64, device=device)
-    if distributed:
-        dist_tools.all_reduce_sum_([*sums, count])
-    return [(total / count).to(images.dtype) for total in sums]
-
-
-@torch.no_grad()
-def anomaly_maps(
-    model: PyramidFlow,
-    template: list[torch.Tensor],
-    images: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps (N, H, W) at the model's input size and image scores (N,), on the CPU."""
-    if images.shape[0] == 0:
-        return torch.zeros(0, *images.shape[-2:]), torch.zeros(0)
-    model.to(device).eval()
-    template = [t.to(device) for t in template]
-    maps, scores = [], []
-    for part in progress_bar(_batches(images.shape[0], batch_size), "scoring", enabled=progress):
-        amap, score = model.anomaly_map(model(images[part].to(device)), template)
-        maps.append(amap.float().cpu())
-        scores.append(score.float().cpu())
-    return torch.cat(maps), torch.cat(scores)

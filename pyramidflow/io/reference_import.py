@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
-from .config import MVTEC_TEXTURES, Config
-from .layers import block_plan
-from .model import PyramidFlow, level_sizes
+from ..config import MVTEC_TEXTURES, Config
+from ..errors import PyramidFlowError
+from ..model.flow import PyramidFlow, level_sizes
+from ..model.layers import block_plan
 
 REFERENCE_PREFIX = "nf.moduleslst"
 DEFAULT_IMAGE_SIZE = 256  # the authors' input size without the ResNet front end
@@ -45,7 +46,7 @@ _BLOCK_SUFFIXES = {
 }  # fmt: skip
 
 
-class ReferenceImportError(ValueError):
+class ReferenceImportError(PyramidFlowError, ValueError):
     """An authors' checkpoint that cannot be imported (one-line message)."""
 
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .model import PyramidFlow
+from .flow import PyramidFlow
 
 Pattern = dict[int, torch.Tensor]
 

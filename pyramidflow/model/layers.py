@@ -212,7 +212,7 @@ class CouplingBlock(nn.Module):
 
 
 def block_plan(levels: int) -> list[tuple[str, int]]:
-    """(kind, start) of every block of one stack, in order (method.md section 6)."""
+    """(kind, start) of every block of one stack, in order (docs/method.md section 6)."""
     plan: list[tuple[str, int]] = []
     for first in (0, 1):
         if first == 1:

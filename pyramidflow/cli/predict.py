@@ -1,0 +1,90 @@
+"""``pyramidflow predict``: maps, masks, scores and a report for image files and folders."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    PROG,
+    UsageError,
+    add_common_options,
+    positive,
+)
+
+
+def add_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``predict`` on the ``pyramidflow`` parser's subparsers."""
+    p = subparsers.add_parser(
+        "predict",
+        help="anomaly maps, masks, scores and an HTML report for image files, folders, globs",
+        description="Writes per image NAME_map.tiff (float32, original resolution), "
+        "NAME_overlay.png and NAME_mask.png (0/255 at the model's threshold), and "
+        "scores.csv / scores.json (file, score, decision, map, overlay, mask) and "
+        "report.html. Images are processed in batches and every result is written as it "
+        "is done (scores.jsonl), so a long run can be continued with --resume. Unreadable "
+        "files are reported and skipped (exit code 1).",
+    )
+    p.add_argument("model", type=Path, help="model file written by `train`")
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an earlier run into --out: images already done are kept, not rescored",
+    )
+    p.add_argument(
+        "--batch-size", type=positive(int), default=8, help="images scored together (default 8)"
+    )
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    add_common_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _output_names(paths: Sequence[Path]) -> list[str]:
+    """Unique, safe output stems, stable for the same inputs (see predict_run.output_names)."""
+    from ..predict_run import output_names
+
+    return output_names(paths)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import Detector
+    from ..io.images import expand_inputs
+    from ..predict_run import OutputExistsError, check_outputs, mvtec_label, run_predict
+
+    paths = expand_inputs(args.inputs)
+    try:  # before loading the model: a usage mistake should cost nothing
+        names = _output_names(paths)
+        check_outputs(args.out, names, overwrite=args.overwrite, resume=args.resume, paths=paths)
+    except OutputExistsError as exc:
+        raise UsageError(str(exc)) from None
+    detector = Detector.load(args.model, device=args.device)
+    summary = run_predict(
+        detector,
+        paths,
+        args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        labels=mvtec_label,
+        report=not args.no_report,
+        title=f"pyramidflow predictions: {Path(args.model).name}",
+        log=lambda message: print(f"{PROG}: {message}", file=sys.stderr),
+    )
+    done = f"scored {summary.scored} image(s) into {summary.out}"
+    if summary.resumed:
+        done += f" ({summary.resumed} done earlier, kept)"
+    if summary.failed:
+        done += f"; {len(summary.failed)} failed"
+    print(done)
+    if summary.report is not None:
+        print(f"report: {summary.report}")
+    return 1 if summary.failed else 0

@@ -1,0 +1,2 @@
+"""Training: the loop with resumable state, the latent template, distributed helpers.
+Imports io, the model and the leaves."""
