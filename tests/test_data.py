@@ -8,6 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -74,79 +75,41 @@ def test_png_gray_16bit_keeps_16bit_precision(tmp_path: Path) -> None:
     assert image[0, 0] > image[2, 2]
 
 
-def _png16(pixels: np.ndarray, filters: tuple[int, ...] = (0,), interlace: bool = False) -> bytes:
-    """A 16-bit PNG of uint16 (H, W[, C]) pixels, encoded plainly from the PNG spec: row r
-    of each pass uses filter ``filters[r % len(filters)]`` (0 None, 1 Sub, 2 Up, 3 Average,
-    4 Paeth); ``interlace`` writes the 7 Adam7 passes."""
-    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
-    height, width, channels = pixels.shape
-    bpp = 2 * channels
-
-    def paeth(a: int, b: int, c: int) -> int:
-        p = a + b - c
-        pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-        return a if pa <= pb and pa <= pc else b if pb <= pc else c
-
-    def filtered(image: np.ndarray) -> bytes:
-        out, above = bytearray(), bytes(image.shape[1] * bpp)
-        for r in range(image.shape[0]):
-            row, kind = image[r].astype(">u2").tobytes(), filters[r % len(filters)]
-            out.append(kind)
-            for i, x in enumerate(row):
-                a = row[i - bpp] if i >= bpp else 0
-                c = above[i - bpp] if i >= bpp else 0
-                guess = (0, a, above[i], (a + above[i]) // 2, paeth(a, above[i], c))[kind]
-                out.append((x - guess) % 256)
-            above = row
-        return bytes(out)
-
-    passes = [(0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2),
-              (1, 0, 2, 1)] if interlace else [(0, 0, 1, 1)]  # fmt: skip
-    subimages = [pixels[r0::rs, c0::cs] for r0, c0, rs, cs in passes]
-    raw = b"".join(filtered(sub) for sub in subimages if sub.size)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + body))
-        return struct.pack(">I", len(body)) + kind + body + crc
-
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, int(interlace))
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
+def _write_png16(path: Path, pixels: np.ndarray, png_filter: int | None = None) -> None:
+    """A 16-bit PNG of uint16 (H, W[, C]) pixels, written by libpng (imagecodecs)."""
+    path.write_bytes(imagecodecs.png_encode(pixels, filter=png_filter))
 
 
 @pytest.mark.parametrize("channels", [3, 4, 2])
 def test_png_16bit_colour_keeps_every_bit(tmp_path: Path, channels: int) -> None:
     pixels = RNG.integers(256, 65536, (6, 9, channels), dtype=np.uint16)
     path = tmp_path / "colour16.png"
-    path.write_bytes(_png16(pixels))
+    _write_png16(path, pixels)
+    assert path.read_bytes()[24:26] == bytes([16, {2: 4, 3: 2, 4: 6}[channels]])  # depth, type
     raw = read_array(path)
     assert raw.dtype == np.uint16 and raw.shape == (6, 9, channels)
     np.testing.assert_array_equal(raw, pixels)
     nudged = pixels.copy()
     nudged[2, 3, channels - 1] ^= 1  # the low byte only: lost by any 8-bit reading
-    path.write_bytes(_png16(nudged))
+    _write_png16(path, nudged)
     changed = read_array(path) != raw
     assert changed.sum() == 1 and changed[2, 3, channels - 1]
     colour = read_image(path, channels=3 if channels >= 3 else 1)
     np.testing.assert_allclose(colour[2, 3, 0], nudged[2, 3, 0] / 65535.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("interlace", [False, True], ids=["sequential", "adam7"])
-@pytest.mark.parametrize("filters", [(1,), (2,), (3,), (4,), (4, 0, 3, 1, 2)])
+@pytest.mark.parametrize("png_filter", ["NONE", "SUB", "UP", "AVG", "PAETH", "ALL"])
 @pytest.mark.parametrize("channels", [1, 3, 4])
-def test_png_16bit_row_filters_and_interlacing(
-    tmp_path: Path, channels: int, filters: tuple[int, ...], interlace: bool
-) -> None:
-    """Every bit comes back, and the high bytes match Pillow's own (8-bit) decoding."""
+def test_png_16bit_row_filters(tmp_path: Path, channels: int, png_filter: str) -> None:
+    """Every bit comes back, and the high bytes match Pillow's own (8-bit) decoding.
+
+    Interlaced (Adam7) files are decoded by the same libpng call, but neither imagecodecs nor
+    Pillow can write one, so no interlaced file is tested here."""
     pixels = RNG.integers(0, 65536, (13, 11, channels), dtype=np.uint16)
     path = tmp_path / "filtered16.png"
-    path.write_bytes(_png16(pixels, filters, interlace))
+    _write_png16(path, pixels, imagecodecs.PNG.FILTER[png_filter])
     raw = read_array(path)
+    assert raw.dtype == np.uint16
     np.testing.assert_array_equal(raw.reshape(pixels.shape), pixels)
     if channels > 1:
         with Image.open(path) as img:
@@ -154,14 +117,49 @@ def test_png_16bit_row_filters_and_interlacing(
 
 
 def test_damaged_16bit_colour_png_is_a_data_error(tmp_path: Path) -> None:
-    content = _png16(RNG.integers(0, 65536, (16, 16, 3), dtype=np.uint16))
-    cut, flipped = tmp_path / "cut16.png", tmp_path / "crc16.png"
-    cut.write_bytes(content[: len(content) // 2])
-    flipped.write_bytes(content[:60] + bytes([content[60] ^ 0xFF]) + content[61:])
-    for path in (cut, flipped):
-        with pytest.raises(DataError, match=path.name) as info:
+    content = imagecodecs.png_encode(RNG.integers(0, 65536, (16, 16, 3), dtype=np.uint16))
+    idat_end = 41 + struct.unpack(">I", content[33:37])[0]  # signature, IHDR, IDAT head
+    assert content[37:41] == b"IDAT" and idat_end + 4 < len(content)
+    damaged = {
+        "cut16.png": content[: len(content) // 2],
+        "data16.png": content[:60] + bytes([content[60] ^ 0xFF]) + content[61:],
+        "crc16.png": content[:idat_end] + bytes([content[idat_end] ^ 1]) + content[idat_end + 1 :],
+    }
+    for name, blob in damaged.items():
+        path = tmp_path / name
+        path.write_bytes(blob)
+        with pytest.raises(DataError, match=name) as info:
             read_array(path)
-        assert "\n" not in str(info.value)
+        assert "cannot read image" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_oversized_16bit_colour_png_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pixel limit (twice Pillow's MAX_IMAGE_PIXELS, Pillow's own error level) is checked
+    on the header: a forged 40000 x 50000 header is refused without calling the decoder."""
+    content = bytearray(imagecodecs.png_encode(np.zeros((4, 4, 3), np.uint16)))
+    ihdr = struct.pack(">IIBBBBB", 50000, 40000, 16, 2, 0, 0, 0)
+    content[16:33] = ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path = tmp_path / "bomb16.png"
+    path.write_bytes(bytes(content))
+
+    def no_decoding(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("the decoder was called")
+
+    monkeypatch.setattr(imagecodecs, "png_decode", no_decoding)
+    with pytest.raises(DataError, match=r"bomb16\.png: cannot read image .*40000x50000"):
+        read_array(path)
+    # the limit follows Pillow's setting: lowered, it refuses a small valid file too
+    monkeypatch.undo()
+    small = tmp_path / "small16.png"
+    _write_png16(small, RNG.integers(0, 65536, (8, 10, 3), dtype=np.uint16))
+    assert read_array(small).shape == (8, 10, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 39)
+    with pytest.raises(DataError, match="small16.png"):
+        read_array(small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
+    assert read_array(small).shape == (8, 10, 3)
 
 
 def test_jpeg_reads_close_to_the_original(tmp_path: Path) -> None:
@@ -213,6 +211,111 @@ def test_planar_tiff_becomes_channels_last(tmp_path: Path) -> None:
     raw = read_array(path)
     assert raw.shape == (12, 20, 3)
     np.testing.assert_array_equal(raw, RGB8)
+
+
+# -- compressed, tiled and multi-page TIFF (as inspection cameras write them) ---------------
+
+TIFF_PIXELS = {
+    "rgb8": RNG.integers(0, 256, (37, 50, 3), dtype=np.uint8),
+    "gray8": RNG.integers(0, 256, (37, 50), dtype=np.uint8),
+    "rgb16": RNG.integers(0, 65536, (37, 50, 3), dtype=np.uint16),
+    "gray16": RNG.integers(0, 65536, (37, 50), dtype=np.uint16),
+}
+
+
+def _tiff_compression(path: Path) -> str:
+    with tifffile.TiffFile(path) as tif:
+        return tif.pages[0].compression.name
+
+
+@pytest.mark.parametrize("kind", sorted(TIFF_PIXELS))
+@pytest.mark.parametrize(
+    ("compression", "stored"),
+    [("lzw", "LZW"), ("zlib", "ADOBE_DEFLATE"), ("deflate", "DEFLATE"), ("packbits", "PACKBITS")],
+)
+def test_lossless_compressed_tiff_is_exact(
+    tmp_path: Path, compression: str, stored: str, kind: str
+) -> None:
+    pixels = TIFF_PIXELS[kind]
+    for predictor in (False, True):  # cameras often add the horizontal differencing predictor
+        if predictor and compression == "packbits":
+            continue
+        path = tmp_path / f"{compression}_{kind}_{predictor}.tif"
+        tifffile.imwrite(path, pixels, compression=compression, predictor=predictor or None)
+        assert _tiff_compression(path) == stored
+        raw = read_array(path)
+        assert raw.dtype == pixels.dtype and raw.shape == pixels.shape
+        np.testing.assert_array_equal(raw, pixels)
+
+
+def test_lzw_float32_tiff_with_float_predictor_is_exact(tmp_path: Path) -> None:
+    pixels = np.linspace(-0.5, 2.0, 37 * 50, dtype=np.float32).reshape(37, 50)
+    path = tmp_path / "depth_lzw.tif"
+    tifffile.imwrite(path, pixels, compression="lzw", predictor=True)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].predictor.name == "FLOATINGPOINT"
+    raw = read_array(path)
+    assert raw.dtype == np.float32
+    np.testing.assert_array_equal(raw, pixels)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_jpeg_tiff_reads_close_to_the_original(tmp_path: Path, channels: int) -> None:
+    pixels = _smooth_rgb(64, 80)
+    pixels = pixels if channels == 3 else pixels[:, :, 0]
+    path = tmp_path / "camera_jpeg.tif"
+    tifffile.imwrite(path, pixels, compression="jpeg")
+    assert _tiff_compression(path) == "JPEG"
+    raw = read_array(path)
+    assert raw.dtype == np.uint8 and raw.shape == pixels.shape
+    assert np.abs(raw.astype(np.float64) - pixels).mean() / 255 < 2 / 255
+
+
+@pytest.mark.parametrize("kind", ["rgb8", "gray16", "rgb16"])
+@pytest.mark.parametrize("compression", [None, "lzw", "zlib"])
+def test_tiled_tiff_is_exact(tmp_path: Path, kind: str, compression: str | None) -> None:
+    pixels = TIFF_PIXELS[kind]  # 37 x 50: tiles overhang the right and bottom edges
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, pixels, tile=(16, 32), compression=compression)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and (page.tilelength, page.tilewidth) == (16, 32)
+    raw = read_array(path)
+    assert raw.dtype == pixels.dtype and raw.shape == pixels.shape
+    np.testing.assert_array_equal(raw, pixels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("pages", [3, 4])
+@pytest.mark.parametrize("series", ["one_stack", "page_by_page"])
+def test_multi_page_tiff_reads_the_first_page(
+    tmp_path: Path, series: str, pages: int, dtype: type
+) -> None:
+    """A stack of equal pages is not a (pages, H, W) array, nor 3 or 4 channels: page 0."""
+    stack = RNG.integers(0, np.iinfo(dtype).max, (pages, 20, 30), dtype=dtype, endpoint=True)
+    path = tmp_path / "burst.tif"
+    if series == "one_stack":
+        tifffile.imwrite(path, stack, photometric="minisblack", compression="lzw")
+    else:
+        with tifffile.TiffWriter(path) as tif:
+            for page in stack:
+                tif.write(page, photometric="minisblack", compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == pages
+    raw = read_array(path)
+    assert raw.dtype == dtype and raw.shape == (20, 30)
+    np.testing.assert_array_equal(raw, stack[0])
+    assert not np.array_equal(raw, stack[1])
+
+
+def test_multi_page_rgb_tiff_reads_the_first_page_channels_last(tmp_path: Path) -> None:
+    stack = RNG.integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+    planar = tmp_path / "planar_pages.tif"
+    tifffile.imwrite(planar, np.moveaxis(stack, -1, 1), photometric="rgb", planarconfig="separate")
+    contig = tmp_path / "rgb_pages.tif"
+    tifffile.imwrite(contig, stack, photometric="rgb", compression="packbits")
+    for path in (planar, contig):
+        np.testing.assert_array_equal(read_array(path), stack[0])
 
 
 def test_rgba_alpha_is_dropped(tmp_path: Path) -> None:

@@ -3,13 +3,13 @@ with its channels and bit depth kept; full 1024 px images train and predict on t
 
 from __future__ import annotations
 
-import struct
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -38,27 +38,6 @@ def _texture(rng: np.random.Generator, height: int, width: int, channels: int) -
     return np.stack([img * f for f in (1.0, 0.85, 0.7)[:channels]], axis=2)
 
 
-def _png16(pixels: np.ndarray) -> bytes:
-    """A 16-bit PNG (gray or RGB) written by hand: Pillow cannot write 16-bit colour."""
-    height, width = pixels.shape[:2]
-    colour = 2 if pixels.ndim == 3 else 0
-    rows = pixels.astype(">u2").reshape(height, -1).view(np.uint8)
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _pil_writer(**options: object) -> Callable[[Path, np.ndarray], None]:
     def write(path: Path, pixels: np.ndarray) -> None:
         Image.fromarray(pixels).save(path, **options)
@@ -67,7 +46,8 @@ def _pil_writer(**options: object) -> Callable[[Path, np.ndarray], None]:
 
 
 def _write_png16(path: Path, pixels: np.ndarray) -> None:
-    path.write_bytes(_png16(pixels))
+    """16-bit PNG (gray or colour) by libpng: Pillow cannot write 16-bit colour."""
+    path.write_bytes(imagecodecs.png_encode(pixels))
 
 
 @dataclass(frozen=True)
@@ -104,6 +84,16 @@ FORMATS = {
     "tiff8_rgb": Format(".tif", np.uint8, 3, tifffile.imwrite),
     "tiff16_gray": Format(".tif", np.uint16, 1, tifffile.imwrite),
     "tiff_f32_gray": Format(".tif", np.float32, 1, tifffile.imwrite),
+    # as inspection cameras write them: compressed, with a predictor, tiled
+    "tiff16_rgb_lzw": Format(
+        ".tif",
+        np.uint16,
+        3,
+        partial(tifffile.imwrite, compression="lzw", predictor=True, tile=(16, 16)),
+    ),
+    "tiff8_rgb_jpeg": Format(
+        ".tif", np.uint8, 3, partial(tifffile.imwrite, compression="jpeg"), lossless=False
+    ),
 }
 
 
@@ -228,6 +218,7 @@ def test_16bit_png_changes_below_one_8bit_step_change_the_map(
     assert change[:8].max() < 0.05 * change.max()
 
 
+@pytest.mark.slow
 def test_full_resolution_native_geometry_on_cpu(tmp_path: Path) -> None:
     """Two 1024 x 1000 16-bit images train at their own size (no resize); a third is scored
     into a map of the same size (about 18 s on two busy CPU cores; the bound is loose)."""

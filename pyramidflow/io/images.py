@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import struct
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,116 +41,44 @@ def _scale_to_unit(array: np.ndarray, path: Path) -> np.ndarray:
 
 # -- 16-bit colour PNG -----------------------------------------------------------------------
 # Pillow reads PNGs with 16 bits per channel and colour (RGB, RGBA, gray + alpha) as 8-bit,
-# silently dropping the low byte. Those files are decoded here with zlib and numpy.
+# silently dropping the low byte. Those files are decoded with imagecodecs (libpng) instead.
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG16_CHANNELS = {2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
-# Adam7 interlace passes: first row, first column, row step, column step
-_ADAM7 = (
-    (0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1)
-)  # fmt: skip
 
 
-def _png16_header(path: Path) -> tuple[int, int, int, bool] | None:
-    """(height, width, channels, interlaced) of a 16-bit colour PNG; None for other files."""
+def _png16_header(path: Path) -> tuple[int, int, int] | None:
+    """(height, width, channels) of a 16-bit colour PNG; None for other files."""
     with open(path, "rb") as f:
         head = f.read(29)
     if len(head) < 29 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
     if depth != 16 or colour not in _PNG16_CHANNELS:
         return None
-    return height, width, _PNG16_CHANNELS[colour], interlace == 1
+    return height, width, _PNG16_CHANNELS[colour]
 
 
-def _png_image_data(blob: bytes) -> bytes:
-    """The concatenated IDAT payload of a PNG file, chunk CRCs checked."""
-    parts, pos = [], len(_PNG_SIGNATURE)
-    while True:
-        if pos + 12 > len(blob):
-            raise ValueError("truncated PNG file (no IEND chunk)")
-        length, kind = struct.unpack(">I4s", blob[pos : pos + 8])
-        end = pos + 8 + length
-        if end + 4 > len(blob):
-            raise ValueError(f"truncated PNG {kind.decode('latin-1')} chunk")
-        body = blob[pos + 8 : end]
-        if zlib.crc32(kind + body) != struct.unpack(">I", blob[end : end + 4])[0]:
-            raise ValueError(f"CRC error in PNG {kind.decode('latin-1')} chunk")
-        if kind == b"IDAT":
-            parts.append(body)
-        elif kind == b"IEND":
-            return b"".join(parts)
-        pos = end + 4
-
-
-def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    p = a + b - c
-    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-
-
-def _unfilter(rows: np.ndarray, bpp: int) -> np.ndarray:
-    """Undo the PNG row filters of (h, 1 + w * bpp) bytes -> uint8 (h, w * bpp)."""
-    kinds = rows[:, 0].astype(np.intp)
-    if kinds.max() > 4:
-        raise ValueError(f"unknown PNG row filter {kinds.max()}")
-    h, w = rows.shape[0], (rows.shape[1] - 1) // bpp
-    filtered = rows[:, 1:].reshape(h, w, bpp).astype(np.int32)
-    if kinds.max() <= 2:  # None, Sub, Up: whole rows at once
-        out = np.empty_like(filtered)
-        above = np.zeros((w, bpp), np.int32)
-        for r in range(h):
-            row = filtered[r]
-            if kinds[r] == 1:
-                row = np.cumsum(row, axis=0)
-            elif kinds[r] == 2:
-                row = row + above
-            above = out[r] = row & 0xFF
-        return out.astype(np.uint8).reshape(h, w * bpp)
-    # Average and Paeth need the reconstructed left neighbour: sweep anti-diagonals, whose
-    # pixels depend only on earlier ones (left, above, above-left). Row 0 / column 0 of
-    # ``recon`` are the zeros the filters assume outside the image.
-    recon = np.zeros((h + 1, w + 1, bpp), np.int32)
-    for d in range(h + w - 1):
-        r = np.arange(max(0, d - w + 1), min(h, d + 1))
-        c = d - r
-        a, b, ul = recon[r + 1, c], recon[r, c + 1], recon[r, c]
-        predicted = np.choose(kinds[r, None], (0, a, b, (a + b) >> 1, _paeth(a, b, ul)))
-        recon[r + 1, c + 1] = (filtered[r, c] + predicted) & 0xFF
-    return recon[1:, 1:].astype(np.uint8).reshape(h, w * bpp)
-
-
-def _read_png16(path: Path, height: int, width: int, channels: int, interlaced: bool) -> np.ndarray:
-    """A 16-bit colour PNG as uint16 (H, W, channels), every bit kept."""
+def _read_png16(path: Path, height: int, width: int, channels: int) -> np.ndarray:
+    """A 16-bit colour PNG as uint16 (H, W, channels), every bit kept (interlaced too)."""
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and height * width > 2 * limit:
+    if limit is not None and height * width > 2 * limit:  # checked before any decoding
         raise ValueError(f"{height}x{width} pixels exceeds the decompression bomb limit")
-    bpp = 2 * channels
-    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
-    sizes = [
-        (max(0, -(-(height - r0) // rs)), max(0, -(-(width - c0) // cs)))
-        for r0, c0, rs, cs in passes
-    ]
-    expected = sum(h * (1 + w * bpp) for h, w in sizes if h and w)
-    inflater = zlib.decompressobj()
-    raw = inflater.decompress(_png_image_data(path.read_bytes()), expected)
-    if len(raw) < expected:
-        raise ValueError("PNG image data is truncated")
-    out = np.empty((height, width, channels), np.uint16)
-    offset = 0
-    for (r0, c0, rs, cs), (h, w) in zip(passes, sizes, strict=True):
-        if not (h and w):
-            continue
-        size = h * (1 + w * bpp)
-        rows = np.frombuffer(raw, np.uint8, size, offset).reshape(h, 1 + w * bpp)
-        offset += size
-        pixels = _unfilter(rows, bpp).view(">u2").reshape(h, w, channels)
-        out[r0::rs, c0::cs] = pixels
-    return out
+    import imagecodecs
+
+    array = imagecodecs.png_decode(path.read_bytes())
+    if array.dtype != np.uint16 or array.ndim != 3 or array.shape[:2] != (height, width):
+        raise ValueError(
+            f"decoded {array.dtype} {array.shape}, expected {height}x{width}x{channels}"
+        )
+    return array
 
 
 def read_array(path: str | os.PathLike[str]) -> np.ndarray:
-    """The raw pixel array of an image file: (H, W) or (H, W, C), its own dtype."""
+    """The raw pixel array of an image file: (H, W) or (H, W, C), its own dtype.
+
+    TIFFs may be compressed (LZW, deflate, JPEG, PackBits, ...) or tiled; of a multi-page TIFF
+    only the first page is read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such image file")
@@ -159,7 +86,7 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
         if path.suffix.lower() in _TIFF_SUFFIXES:
             import tifffile
 
-            array = np.asarray(tifffile.imread(path))
+            array = np.asarray(tifffile.imread(path, key=0))  # multi-page: the first page
         elif (png16 := _png16_header(path)) is not None:
             array = _read_png16(path, *png16)
         else:
