@@ -43,7 +43,7 @@ WORKER = textwrap.dedent(
     from safetensors.torch import save_file
     from pyramidflow import Config, PyramidFlow
     from pyramidflow.training import distributed
-    from pyramidflow.training import loop
+    from pyramidflow.training import loop, state
     from pyramidflow.training.template import compute_template
 
     out, configs = sys.argv[1], eval(sys.argv[2])
@@ -52,7 +52,7 @@ WORKER = textwrap.dedent(
     if rank != 0:  # only rank 0 may write checkpoints
         def forbidden(*args, **kwargs):
             raise AssertionError("rank 1 wrote a checkpoint")
-        loop.save_checkpoint = forbidden
+        state.save_checkpoint = forbidden
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     results = {}
     for name, values in configs.items():
@@ -164,6 +164,7 @@ def test_rank_zero_wrote_a_resumable_checkpoint(two_ranks: Path) -> None:
     assert saved.info["epoch_losses"] == ranks["cvn.losses"].tolist()
 
 
+@pytest.mark.slow
 def test_train_command_under_torchrun_equals_one_process_with_pairs_per_rank(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -140,6 +140,7 @@ def grain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "grain"
 
 
+@pytest.mark.slow
 def test_end_to_end_training_localizes_defects(grain: Path, tmp_path: Path) -> None:
     """A short CPU run on generated data reaches pixel AUROC >= 0.9 in under 2 minutes."""
     start = time.process_time()

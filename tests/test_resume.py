@@ -221,6 +221,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_killed_training_process_resumes_to_the_uninterrupted_result(
     straight, tmp_path: Path
 ) -> None:

@@ -1,2 +1,3 @@
-"""Training: the loop with resumable state, the latent template, distributed helpers.
+"""Training: the loop (loop.py) and its resumable state (state.py), the latent template
+(template.py), torchrun helpers (distributed.py).
 Imports io, the model and the leaves."""

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import Config
 from ..errors import TrainingError
-from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..model.flow import PyramidFlow
 from ..progress import counter_bar
-from . import distributed as dist_tools
+from . import distributed
+from .state import Position, TrainState, data_fingerprint, load_train_state, save_train_state
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclass
@@ -76,154 +79,262 @@ def _loss(model: PyramidFlow, latents: list[torch.Tensor], pair_groups: int) -> 
     return torch.stack(losses).mean()
 
 
-def _fingerprint(images: torch.Tensor) -> str:
-    data = images.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(data.view(torch.uint8).reshape(-1).numpy())  # no copy
-    return f"{tuple(data.shape)}:{data.dtype}:{digest.hexdigest()[:32]}"
-
-
 @dataclass
-class _Position:
-    """Where training stands: ``epoch`` epochs completed, then ``batch`` batches of the
-    next one (summing to ``loss_sum``), whose order was drawn from the generator state
-    ``epoch_start``."""
+class _Run:
+    """What the steps of one training run share; set up once by :func:`train`."""
 
-    epoch: int
-    batch: int
-    loss_sum: float
-    epoch_start: torch.Tensor
+    model: PyramidFlow
+    images: torch.Tensor
+    config: Config
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # shuffling and augmentation draws
+    report: TrainReport
+    pair_groups: int
+    data_parallel: bool
+    rank: int
+    world: int
+    path: Path | None
+    fingerprint: str  # of the images, "" without a checkpoint path
+    checkpoint_every: int
+    checkpoint_every_steps: int | None
+    started: float = 0.0  # perf_counter() at the start, less the seconds before a resume
+
+    @cached_property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The optimized parameters (loading an optimizer state keeps them)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def global_batch(self) -> int:
+        """Images per step over all ranks."""
+        return self.config.batch_size * self.world
+
+    @property
+    def n_batches(self) -> int:
+        """Steps per epoch."""
+        return self.images.shape[0] // self.global_batch
 
 
-# Config fields a resume may change: they do not change what is computed (epochs only
-# says where to stop; memory/backend change rounding, not the result).
-_RESUMABLE_CHANGES = frozenset({"epochs", "memory", "backend", "category", "extra"})
-TRAINING_STATE = "training_state"
-
-
-def _save_state(
-    path: Path,
-    model: PyramidFlow,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    config: Config,
-    report: TrainReport,
-    position: _Position,
-    fingerprint: str,
-    pair_groups: int,
-    world: int,
+def _check_arguments(
+    config: Config, checkpoint_every: int, checkpoint_every_steps: int | None, pair_groups: int
 ) -> None:
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    tensors["rng.generator"] = generator.get_state()
-    tensors["rng.epoch_start"] = position.epoch_start
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = cuda_state
-    info = {
-        "kind": TRAINING_STATE,
-        "epoch": position.epoch,
-        "batch": position.batch,
-        "epoch_loss_sum": position.loss_sum,
-        "step": report.steps,
-        "epoch_losses": report.epoch_losses,
-        "seconds": report.seconds,
-        "train_config": config.to_dict(),
-        "optimizer_param_groups": state["param_groups"],
-        "optimizer_scalars": scalars,
-        "images": fingerprint,
-        "pair_groups": pair_groups,
-        "world_size": world,
-    }
-    try:
-        save_checkpoint(path, model, info=info, extra_tensors=tensors)
-    except OSError as exc:
-        raise TrainingError(
-            f"could not write the training checkpoint {path} ({exc}); the previous one, if "
-            "any, is intact"
-        ) from exc
+    """Raise :class:`ValueError` for a batch, checkpoint schedule or pair grouping that
+    cannot work."""
+    if config.batch_size < 2:
+        raise ValueError("batch_size must be >= 2: the Siamese loss compares pairs in a batch")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+    if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
+        raise ValueError(f"checkpoint_every_steps must be >= 1 step, got {checkpoint_every_steps}")
+    if pair_groups < 1 or config.batch_size % pair_groups or config.batch_size // pair_groups < 2:
+        raise ValueError(
+            f"pair_groups={pair_groups} must split batch_size={config.batch_size} into equal "
+            "parts of at least 2 images"
+        )
 
 
-def _load_state(
-    path: Path,
-    model: PyramidFlow,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    config: Config,
-    report: TrainReport,
-    fingerprint: str,
-    pair_groups: int,
-    world: int,
-) -> _Position:
-    """Restore a training state; returns where it stopped."""
-    saved = load_checkpoint(path)
-    info = saved.info
-    if info.get("kind") != TRAINING_STATE:
-        raise TrainingError(f"{path}: not a training-state checkpoint; cannot resume from it")
-    stored = info["train_config"]
-    current = config.to_dict()
-    changed = sorted(
-        k for k in set(stored) | set(current)
-        if k not in _RESUMABLE_CHANGES and stored.get(k) != current.get(k)
-    )  # fmt: skip
-    if changed:
-        raise TrainingError(
-            f"{path}: cannot resume with a different config ({', '.join(changed)} changed); "
-            "only epochs, memory and backend may change"
+def _resolve_data_parallel(data_parallel: bool | None, pair_groups: int) -> bool:
+    """Whether to train with DDP: by default when a process group of > 1 process is
+    initialized; asking for it without one, or together with ``pair_groups``, is an error."""
+    if data_parallel is None:
+        data_parallel = distributed.is_active()
+    elif data_parallel and not distributed.is_active():
+        raise ValueError(
+            "data_parallel=True needs an initialized process group of more than one process "
+            "(pyramidflow.distributed.init_from_env under torchrun)"
         )
-    if info["images"] != fingerprint:
-        raise TrainingError(f"{path}: was trained on other images; cannot resume on these")
-    if info.get("pair_groups", 1) != pair_groups or info.get("world_size", 1) != world:
-        raise TrainingError(
-            f"{path}: was written by a run with {info.get('world_size', 1)} process(es) and "
-            f"pair_groups={info.get('pair_groups', 1)}; resume with the same layout"
+    if data_parallel and pair_groups != 1:
+        raise ValueError("pair_groups is the single-process stand-in for ranks; not both")
+    return data_parallel
+
+
+def _check_enough_images(images: torch.Tensor, batch_size: int, world: int) -> None:
+    """Raise :class:`ValueError` when the images do not fill one global batch."""
+    if images.shape[0] < batch_size * world:
+        raise ValueError(
+            f"{images.shape[0]} training image(s) is fewer than one batch of {batch_size * world}"
+            + (f" ({world} ranks x {batch_size})" if world > 1 else "")
         )
-    expected = model.state_dict()
-    weights = saved.model.state_dict()
-    if set(weights) != set(expected) or any(
-        weights[k].shape != expected[k].shape for k in expected
-    ):
-        raise TrainingError(f"{path}: weights do not fit this model's architecture")
-    model.load_state_dict(weights)
-    groups = info["optimizer_param_groups"]
-    for group in groups:
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-    optim_state: dict[int, dict[str, Any]] = {}
-    for name, tensor in saved.extra_tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            optim_state.setdefault(int(index), {})[key] = tensor
-    for index, values in info["optimizer_scalars"].items():
-        optim_state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-    generator.set_state(saved.extra_tensors["rng.generator"])
-    torch.set_rng_state(saved.extra_tensors["rng.torch"])
-    cuda_states = [
-        saved.extra_tensors[f"rng.cuda.{i}"]
-        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
-        if f"rng.cuda.{i}" in saved.extra_tensors
-    ]
-    if cuda_states:
-        torch.cuda.set_rng_state_all(cuda_states)
-    report.epoch_losses = list(info["epoch_losses"])
-    report.steps = int(info["step"])
-    report.seconds = float(info["seconds"])
-    report.start_epoch = int(info["epoch"])
-    epoch_start = saved.extra_tensors.get("rng.epoch_start", saved.extra_tensors["rng.generator"])
-    return _Position(
-        report.start_epoch,
-        int(info.get("batch", 0)),
-        float(info.get("epoch_loss_sum", 0.0)),
-        epoch_start,
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`; a bare "cuda" becomes the current CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _resume_or_start(run: _Run, resume: bool) -> Position:
+    """Where training starts: with ``resume`` and an existing checkpoint, where that run
+    stopped (weights, optimizer, generator, RNG states and report restored); else at the
+    beginning."""
+    if resume:
+        if run.path is None:
+            raise ValueError("resume=True needs a checkpoint_path")
+        if run.path.is_file():
+            state = load_train_state(
+                run.path, run.model, run.config,
+                fingerprint=run.fingerprint, pair_groups=run.pair_groups, world_size=run.world,
+            )  # fmt: skip
+            state.restore(run.model, run.optimizer, run.generator)
+            run.report.epoch_losses = list(state.epoch_losses)
+            run.report.steps = state.steps
+            run.report.seconds = state.seconds
+            run.report.start_epoch = state.position.epoch
+            run.model.to(run.device).train()
+            return state.position
+    return Position(0, 0, 0.0, run.generator.get_state())
+
+
+def _steps_left(run: _Run, start: Position) -> int:
+    """Optimizer steps from ``start`` to the end of the last epoch."""
+    remaining = max(run.config.epochs - start.epoch, 0) * run.n_batches
+    if start.epoch < run.config.epochs:
+        remaining -= start.batch
+    return remaining
+
+
+def _network(run: _Run, cleanup: contextlib.ExitStack) -> torch.nn.Module:
+    """The module to run forwards through: the model, or with data parallelism its DDP
+    wrapper, with VN synchronized across ranks until ``cleanup`` closes."""
+    if not run.data_parallel:
+        return run.model
+    net = torch.nn.parallel.DistributedDataParallel(
+        run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
     )
+    # VN's collectives get their own group, apart from DDP's gradient buckets
+    vn_group = torch.distributed.new_group(backend=torch.distributed.get_backend())
+    cleanup.callback(torch.distributed.destroy_process_group, vn_group)
+    cleanup.enter_context(distributed.synchronized_vn(run.model, vn_group))
+    return net
+
+
+def _epoch_order(run: _Run, epoch: int, start: Position) -> tuple[list[torch.Tensor], Position]:
+    """This epoch's index batches and where in them to begin: at the first, or, resuming in
+    the middle of this epoch, at ``start`` (the order redrawn from its generator state, the
+    generator going on with the saved draws)."""
+    n = run.images.shape[0]
+    if epoch == start.epoch and start.batch:
+        now = run.generator.get_state()
+        run.generator.set_state(start.epoch_start)
+        batches = epoch_batches(n, run.global_batch, run.generator)
+        run.generator.set_state(now)
+        return batches, start
+    epoch_start = run.generator.get_state()
+    return epoch_batches(n, run.global_batch, run.generator), Position(epoch, 0, 0.0, epoch_start)
+
+
+def _check_finite(loss: float, grad_norm: float, epoch: int, step: int) -> None:
+    """Raise :class:`TrainingError` for a non-finite loss or gradient norm."""
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"loss became {loss} at epoch {epoch + 1}, step {step}; lower the learning rate "
+            "or check the images for constant or broken files"
+        )
+    if not math.isfinite(grad_norm):
+        raise TrainingError(
+            f"gradient norm became {grad_norm} at epoch {epoch + 1}, step {step}; lower the "
+            "learning rate"
+        )
+
+
+def _train_step(run: _Run, net: torch.nn.Module, index: torch.Tensor, epoch: int) -> float:
+    """One optimizer step on the images at ``index`` (this rank's share of them); returns
+    the loss (the mean over ranks). Non-finite values raise before the step."""
+    batch = run.images[index]
+    if run.config.augment:
+        batch = augment(batch, run.generator)
+    if run.data_parallel:
+        local = run.config.batch_size
+        batch = batch[run.rank * local : (run.rank + 1) * local]
+    # no name for the latents: in memory="recompute" the backward frees each one as soon
+    # as it is replaced, unless something still refers to it
+    loss = _loss(run.model, net(batch.to(run.device, non_blocking=True)), run.pair_groups)
+    shown = loss.detach()
+    if run.data_parallel:
+        shown = distributed.all_reduce_mean(shown.clone())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(run.params, run.config.grad_clip)
+    # the step's one host synchronization: loss and gradient norm together
+    value, norm_value = torch.stack([shown.float(), norm.float()]).tolist()
+    _check_finite(value, norm_value, epoch, run.report.steps + 1)
+    run.optimizer.step()
+    return value
+
+
+def _write_state(run: _Run, position: Position) -> None:
+    """Write the training state at ``position``: rank 0 writes, every rank raises if that
+    failed."""
+    assert run.path is not None
+    run.report.seconds = time.perf_counter() - run.started
+    failure: BaseException | None = None
+    if run.rank == 0:  # one writer; the others wait to hear whether it worked
+        try:
+            state = TrainState.capture(
+                run.model, run.optimizer, run.generator,
+                position=position, steps=run.report.steps, epoch_losses=run.report.epoch_losses,
+                seconds=run.report.seconds, config=run.config, fingerprint=run.fingerprint,
+                pair_groups=run.pair_groups, world_size=run.world,
+            )  # fmt: skip
+            save_train_state(run.path, state)
+        except Exception as exc:
+            failure = exc
+    if run.data_parallel and distributed.any_rank(failure is not None, run.device):
+        failure = failure or TrainingError(
+            f"rank 0 could not write the training checkpoint {run.path}"
+        )
+    if failure is not None:
+        raise failure
+
+
+def _epoch_checkpoint_due(run: _Run, epoch: int) -> bool:
+    """Whether the state is written after ``epoch``: every ``checkpoint_every`` epochs and
+    after the last."""
+    return run.path is not None and (
+        (epoch + 1) % run.checkpoint_every == 0 or epoch + 1 == run.config.epochs
+    )
+
+
+def _maybe_checkpoint(run: _Run, position: Position, epoch_due: bool) -> None:
+    """After a step: write the state every ``checkpoint_every_steps`` steps, unless the
+    epoch's own checkpoint follows right after this, its last batch."""
+    if (
+        run.path is not None
+        and run.checkpoint_every_steps is not None
+        and run.report.steps % run.checkpoint_every_steps == 0
+        and not (position.batch == run.n_batches and epoch_due)
+    ):
+        _write_state(run, position)
+
+
+def _train_epoch(
+    run: _Run,
+    net: torch.nn.Module,
+    epoch: int,
+    start: Position,
+    bar: tqdm,
+    on_step: Callable[[int, float], None] | None,
+) -> None:
+    """Train ``epoch`` from its first batch, or from ``start`` when that lies inside it;
+    then record its mean loss and write its checkpoint when due."""
+    batches, begin = _epoch_order(run, epoch, start)
+    epoch_due = _epoch_checkpoint_due(run, epoch)
+    total = begin.loss_sum
+    for batch_number, index in enumerate(batches[begin.batch :], start=begin.batch + 1):
+        value = _train_step(run, net, index, epoch)
+        total += value
+        run.report.steps += 1
+        bar.update()
+        bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}", refresh=False)
+        _maybe_checkpoint(run, Position(epoch, batch_number, total, begin.epoch_start), epoch_due)
+        if on_step is not None:
+            on_step(run.report.steps, value)
+    run.report.epoch_losses.append(total / run.n_batches)
+    if epoch_due:
+        _write_state(run, Position(epoch + 1, 0, 0.0, run.generator.get_state()))
 
 
 def train(
@@ -240,7 +351,7 @@ def train(
     checkpoint_every_steps: int | None = None,
     resume: bool = False,
     pair_groups: int = 1,
-    distributed: bool | None = None,
+    data_parallel: bool | None = None,
 ) -> TrainReport:
     """Train ``model`` on normalized good images (N, C, H, W) with the Siamese Fourier loss.
 
@@ -262,160 +373,37 @@ def train(
     ``pair_groups`` > 1 forms Siamese pairs only inside that many consecutive equal parts
     of each batch (the loss is the mean of theirs; VN statistics span the whole batch):
     the single-process equivalent of a distributed run (see :mod:`.distributed`).
-    ``distributed`` (default: whether a process group of > 1 process is initialized)
+    ``data_parallel`` (default: whether a process group of > 1 process is initialized)
     trains with DistributedDataParallel; ``config.batch_size`` is then per rank.
     """
     config = config or model.config
-    if config.batch_size < 2:
-        raise ValueError("batch_size must be >= 2: the Siamese loss compares pairs in a batch")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
-    if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
-        raise ValueError(f"checkpoint_every_steps must be >= 1 step, got {checkpoint_every_steps}")
-    if pair_groups < 1 or config.batch_size % pair_groups or config.batch_size // pair_groups < 2:
-        raise ValueError(
-            f"pair_groups={pair_groups} must split batch_size={config.batch_size} into equal "
-            "parts of at least 2 images"
-        )
-    if distributed is None:
-        distributed = dist_tools.is_active()
-    elif distributed and not dist_tools.is_active():
-        raise ValueError(
-            "distributed=True needs an initialized process group of more than one process "
-            "(pyramidflow.distributed.init_from_env under torchrun)"
-        )
-    world = dist_tools.world_size() if distributed else 1
-    rank = dist_tools.rank() if distributed else 0
-    if distributed and pair_groups != 1:
-        raise ValueError("pair_groups is the single-process stand-in for ranks; not both")
-    local_size = config.batch_size
-    global_size = local_size * world
-    if images.shape[0] < global_size:
-        raise ValueError(
-            f"{images.shape[0]} training image(s) is fewer than one batch of {global_size}"
-            + (f" ({world} ranks x {local_size})" if world > 1 else "")
-        )
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    _check_arguments(config, checkpoint_every, checkpoint_every_steps, pair_groups)
+    data_parallel = _resolve_data_parallel(data_parallel, pair_groups)
+    world = distributed.world_size() if data_parallel else 1
+    _check_enough_images(images, config.batch_size, world)
+    device = _resolve_device(device)
     model.to(device).train()
-    optimizer = make_optimizer(model, config)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    generator = torch.Generator().manual_seed(config.seed)
-    report = TrainReport()
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    fingerprint = _fingerprint(images) if path is not None else ""
-    resumed: _Position | None = None
-    if resume:
-        if path is None:
-            raise ValueError("resume=True needs a checkpoint_path")
-        if path.is_file():
-            resumed = _load_state(
-                path, model, optimizer, generator, config, report, fingerprint, pair_groups, world
-            )
-            model.to(device).train()
-    first_epoch = resumed.epoch if resumed is not None else 0
-    net: torch.nn.Module = model
-    cleanup = contextlib.ExitStack()
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-        # VN's collectives get their own group, apart from DDP's gradient buckets
-        vn_group = torch.distributed.new_group(backend=torch.distributed.get_backend())
-        cleanup.callback(torch.distributed.destroy_process_group, vn_group)
-        cleanup.enter_context(dist_tools.synchronized_vn(model, vn_group))
-    start = time.perf_counter() - report.seconds
-    n_batches = images.shape[0] // global_size
-    remaining = max(config.epochs - first_epoch, 0) * n_batches
-    if resumed is not None and first_epoch < config.epochs:
-        remaining -= resumed.batch
-    bar = counter_bar(remaining, "training", enabled=progress and rank == 0)
-
-    def write_state(position: _Position) -> None:
-        assert path is not None
-        report.seconds = time.perf_counter() - start
-        failure: BaseException | None = None
-        if rank == 0:  # one writer; the others wait to hear whether it worked
-            try:
-                _save_state(
-                    path, model, optimizer, generator, config, report, position,
-                    fingerprint, pair_groups, world,
-                )  # fmt: skip
-            except Exception as exc:
-                failure = exc
-        if distributed and dist_tools.any_rank(failure is not None, device):
-            failure = failure or TrainingError(
-                f"rank 0 could not write the training checkpoint {path}"
-            )
-        if failure is not None:
-            raise failure
-
-    with cleanup:
-        for epoch in range(first_epoch, config.epochs):
-            skip, total = 0, 0.0
-            epoch_start = generator.get_state()
-            if resumed is not None and epoch == resumed.epoch and resumed.batch:
-                # mid-epoch: redraw this epoch's order, then go on with the saved draws
-                skip, total, epoch_start = resumed.batch, resumed.loss_sum, resumed.epoch_start
-                now = generator.get_state()
-                generator.set_state(epoch_start)
-                batches = epoch_batches(images.shape[0], global_size, generator)
-                generator.set_state(now)
-            else:
-                batches = epoch_batches(images.shape[0], global_size, generator)
-            epoch_due = path is not None and (
-                (epoch + 1) % checkpoint_every == 0 or epoch + 1 == config.epochs
-            )
-            for batch_number, index in enumerate(batches[skip:], start=skip + 1):
-                batch = images[index]
-                if config.augment:
-                    batch = augment(batch, generator)
-                if distributed:
-                    batch = batch[rank * local_size : (rank + 1) * local_size]
-                # no name for the latents: in memory="recompute" the backward frees each
-                # one as soon as it is replaced, unless something still refers to it
-                loss = _loss(model, net(batch.to(device, non_blocking=True)), pair_groups)
-                shown = loss.detach()
-                if distributed:
-                    shown = dist_tools.all_reduce_mean(shown.clone())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                # the step's one host synchronization: loss and gradient norm together
-                value, norm_value = torch.stack([shown.float(), norm.float()]).tolist()
-                if not math.isfinite(value):
-                    raise TrainingError(
-                        f"loss became {value} at epoch {epoch + 1}, step {report.steps + 1}; "
-                        "lower the learning rate or check the images for constant or broken "
-                        "files"
-                    )
-                if not math.isfinite(norm_value):
-                    raise TrainingError(
-                        f"gradient norm became {norm_value} at epoch {epoch + 1}, step "
-                        f"{report.steps + 1}; lower the learning rate"
-                    )
-                optimizer.step()
-                total += value
-                report.steps += 1
-                bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}", refresh=False)
-                if (
-                    path is not None
-                    and checkpoint_every_steps is not None
-                    and report.steps % checkpoint_every_steps == 0
-                    and not (batch_number == n_batches and epoch_due)
-                ):
-                    write_state(_Position(epoch, batch_number, total, epoch_start))
-                if on_step is not None:
-                    on_step(report.steps, value)
-            report.epoch_losses.append(total / n_batches)
-            if epoch_due:
-                write_state(_Position(epoch + 1, 0, 0.0, generator.get_state()))
+    run = _Run(
+        model=model, images=images, config=config, device=device,
+        optimizer=make_optimizer(model, config),
+        generator=torch.Generator().manual_seed(config.seed), report=TrainReport(),
+        pair_groups=pair_groups, data_parallel=data_parallel,
+        rank=distributed.rank() if data_parallel else 0, world=world, path=path,
+        fingerprint=data_fingerprint(images) if path is not None else "",
+        checkpoint_every=checkpoint_every, checkpoint_every_steps=checkpoint_every_steps,
+    )  # fmt: skip
+    start = _resume_or_start(run, resume)
+    with contextlib.ExitStack() as cleanup:
+        net = _network(run, cleanup)
+        run.started = time.perf_counter() - run.report.seconds
+        bar = counter_bar(_steps_left(run, start), "training", enabled=progress and run.rank == 0)
+        for epoch in range(start.epoch, config.epochs):
+            _train_epoch(run, net, epoch, start, bar, on_step)
             if on_epoch is not None:
-                on_epoch(epoch, report.epoch_losses[-1])
+                on_epoch(epoch, run.report.epoch_losses[-1])
                 model.train()
     bar.close()
-    report.seconds = time.perf_counter() - start
+    run.report.seconds = time.perf_counter() - run.started
     model.eval()
-    return report
+    return run.report
