@@ -17,11 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pyramidflow import predict_run
+from pyramidflow import predict
 from pyramidflow.api import Detector
 from pyramidflow.cli import main
-from pyramidflow.config import Config
-from pyramidflow.synthetic import generate_category
 
 COLUMNS = ["file", "score", "decision", "map", "overlay", "mask"]
 SIZES = {"wide": (40, 56), "tall": (48, 24), "gray": (30, 20), "deep": (36, 20)}
@@ -58,19 +56,15 @@ def snapshot(folder: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def category(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("predict_data")
-    return generate_category(
-        root, "disc", size=32, n_train=6, n_test_good=2, n_test_defect_per_type=1
-    )
+def category(tiny_category: Path) -> Path:
+    """The session's tiny category (conftest.py)."""
+    return tiny_category
 
 
 @pytest.fixture(scope="module")
-def model(category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = Config(image_size=32, levels=2, stacks=1, channels=4, kernel_size=3, epochs=1)
-    detector = Detector(config.replace(batch_size=2)).fit(category)
-    assert detector.threshold is not None
-    return detector.save(tmp_path_factory.mktemp("predict_model") / "disc.safetensors")
+def model(tiny_model: Path) -> Path:
+    """The session's tiny model (conftest.py), trained on ``category``."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +148,7 @@ def test_model_without_threshold_writes_no_masks_and_empty_decisions(
 
 def test_tables_write_a_non_finite_score_as_null(tmp_path: Path) -> None:
     row = {"file": "x.png", "score": None, "decision": "", "map": "x_map.tiff"}
-    predict_run._write_tables(tmp_path, [{**row, "overlay": "x_overlay.png", "mask": ""}])
+    predict.journal.write_tables(tmp_path, [{**row, "overlay": "x_overlay.png", "mask": ""}])
     assert strict_json(tmp_path / "scores.json") == [
         {**row, "overlay": "x_overlay.png", "mask": ""}
     ]
@@ -270,7 +264,7 @@ def test_images_stream_through_in_batches(
 
     monkeypatch.setattr(detector, "score_batch", spy)
     paths = sorted(inputs.iterdir())
-    summary = predict_run.run_predict(detector, paths, out, batch_size=3)
+    summary = predict.run_predict(detector, paths, out, batch_size=3)
     assert seen == [(3, 0, 0), (1, 3, 3)]
     assert summary.scored == summary.rows == len(paths) and not summary.failed
 
@@ -296,7 +290,7 @@ def test_corrupt_file_is_skipped_and_the_others_processed(
     assert [Path(r["file"]).name for r in read_csv(out / "scores.csv")] == ["a.png", "c.png"]
     assert not list(out.glob("b_broken*"))
     for name in ("a", "c"):
-        assert all((out / f"{name}{s}").is_file() for s in predict_run.IMAGE_SUFFIXES)
+        assert all((out / f"{name}{s}").is_file() for s in predict.IMAGE_SUFFIXES)
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -402,7 +396,7 @@ def test_hostile_file_names_never_write_outside_out(
     report_links(out)
 
     # the same inputs get the same names (what --resume relies on)
-    assert predict_run.output_names(paths) == [m.removesuffix("_map.tiff") for m in maps]
+    assert predict.output_names(paths) == [m.removesuffix("_map.tiff") for m in maps]
 
 
 def test_output_replacing_an_input_is_refused(
@@ -422,8 +416,8 @@ def test_output_replacing_an_input_is_refused(
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=0, max_size=300))
 def test_safe_stem_is_always_a_plain_visible_name(text: str) -> None:
-    stem = predict_run.safe_stem(text)
-    assert stem and len(stem) <= predict_run.MAX_NAME_CHARS
+    stem = predict.safe_stem(text)
+    assert stem and len(stem) <= predict.MAX_NAME_CHARS
     assert not any(c in stem for c in "/\\\x00\n\r:") and ".." not in stem
     assert not stem.startswith((".", "-")) and not stem.endswith((".", " "))
     assert os.path.basename(stem) == stem

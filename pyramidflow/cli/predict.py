@@ -48,8 +48,8 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
-    """Unique, safe output stems, stable for the same inputs (see predict_run.output_names)."""
-    from ..predict_run import output_names
+    """Unique, safe output stems, stable for the same inputs (see predict.output_names)."""
+    from ..predict import output_names
 
     return output_names(paths)
 
@@ -57,7 +57,7 @@ def _output_names(paths: Sequence[Path]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..api import Detector
     from ..io.images import expand_inputs
-    from ..predict_run import OutputExistsError, check_outputs, mvtec_label, run_predict
+    from ..predict import OutputExistsError, check_outputs, mvtec_label, run_predict
 
     paths = expand_inputs(args.inputs)
     try:  # before loading the model: a usage mistake should cost nothing

@@ -18,47 +18,26 @@ the same folder and renamed into place, so a killed run never leaves half a file
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import math
 import os
 import sys
-import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import preprocess
-from .errors import PyramidFlowError
-from .io.atomic import atomic_write, remove_stale_temporaries
-from .io.images import read_array
-from .viz import colorize, heat_range, mask_image, overlay, to_display
+from .. import preprocess
+from ..errors import PyramidFlowError
+from ..io.atomic import atomic_write, remove_stale_temporaries
+from ..io.images import read_array
+from ..viz import colorize, heat_range, mask_image, overlay, to_display
+from .journal import JOURNAL_VERSION, Journal, model_key, read_journal, write_tables
+from .naming import JOURNAL, REPORT, check_outputs, output_names
 
 if TYPE_CHECKING:
-    from .api import Detector
-
-JOURNAL = "scores.jsonl"
-TABLE_CSV = "scores.csv"
-TABLE_JSON = "scores.json"
-REPORT = "report.html"
-RUN_FILES = (TABLE_CSV, TABLE_JSON, JOURNAL, REPORT)
-IMAGE_SUFFIXES = ("_map.tiff", "_overlay.png", "_mask.png")
-COLUMNS = ("file", "score", "decision", "map", "overlay", "mask")
-JOURNAL_VERSION = 1
-MAX_NAME_CHARS = 80
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {
-    f"{prefix}{digit}" for prefix in ("COM", "LPT") for digit in "123456789"
-}
-
-
-class OutputExistsError(PyramidFlowError):
-    """The output folder holds results of an earlier run and neither resume nor overwrite
-    was asked for."""
+    from ..api import Detector
 
 
 @dataclass
@@ -72,174 +51,6 @@ class PredictSummary:
     rows: int = 0
     threshold: float | None = None
     report: Path | None = None
-
-
-# -- files ------------------------------------------------------------------------------------
-
-
-# -- names ------------------------------------------------------------------------------------
-
-
-def safe_stem(path: str | os.PathLike[str]) -> str:
-    """A file-name stem from an input path that cannot leave the output folder.
-
-    Letters and digits (any script) are kept, as are ``-``, ``_`` and single dots; every
-    other character (separators, spaces, ``%``, control characters) becomes ``_``. No
-    leading dot or dash (hidden files, options), no ``..``, at most 80 characters, never
-    empty or a reserved device name.
-    """
-    stem = unicodedata.normalize("NFC", Path(path).stem)
-    chars = [c if c.isalnum() or c in "-_." else "_" for c in stem]
-    name = "".join(chars)
-    while ".." in name:
-        name = name.replace("..", ".")
-    name = name.lstrip(".-").rstrip(". ")
-    name = name[:MAX_NAME_CHARS].rstrip(". ")
-    if not name:
-        name = "image"
-    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
-        name = f"_{name}"
-    return name
-
-
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """Unique, safe output stems, the same for the same inputs (which resume relies on).
-
-    A name is the file's sanitised stem; when several inputs share one (``000.png`` in
-    ``good/`` and in ``crack/``; also case-insensitively, for macOS and Windows disks), the
-    first keeps it and the others get a short hash of their full path appended.
-    """
-    names: list[str] = []
-    seen: set[str] = set()
-    for path in paths:
-        stem = safe_stem(path)
-        name = stem
-        if name.casefold() in seen:
-            digest = hashlib.sha256(str(Path(path).resolve()).encode("utf-8", "surrogatepass"))
-            name = f"{stem}_{digest.hexdigest()[:8]}"
-            counter = 2
-            while name.casefold() in seen:
-                name = f"{stem}_{digest.hexdigest()[:8]}_{counter}"
-                counter += 1
-        seen.add(name.casefold())
-        names.append(name)
-    return names
-
-
-def mvtec_label(path: str | os.PathLike[str]) -> str | None:
-    """The label an MVTec-layout test image carries in its folder (``test/<label>/x.png``):
-    ``"good"`` or a defect type; ``None`` for images elsewhere."""
-    parent = Path(path).parent
-    if parent.parent.name == "test" and parent.name:
-        return parent.name
-    return None
-
-
-def check_outputs(
-    out: str | os.PathLike[str],
-    names: Sequence[str],
-    *,
-    overwrite: bool,
-    resume: bool,
-    paths: Sequence[Path] | None = None,
-) -> None:
-    """Refuse to start when ``out`` holds results and neither ``resume`` nor ``overwrite``
-    is set (raises :class:`OutputExistsError` naming the first such file), or when an
-    output would replace one of the input ``paths`` (whatever the flags)."""
-    out = Path(out)
-    if overwrite and resume:
-        raise PyramidFlowError("overwrite and resume exclude each other: pick one")
-    if out.exists() and not out.is_dir():
-        raise PyramidFlowError(f"{out}: exists and is not a folder; --out needs a folder")
-    if paths is not None and out.is_dir():
-        _check_no_input_replaced(out, paths, names)
-    if overwrite or resume or not out.is_dir():
-        return
-    candidates = [out / f for f in RUN_FILES]
-    candidates += [out / f"{n}{s}" for n in names for s in IMAGE_SUFFIXES]
-    for candidate in candidates:
-        if candidate.exists():
-            raise OutputExistsError(
-                f"{candidate} exists; pass --resume to continue or --overwrite to replace"
-            )
-
-
-def _check_no_input_replaced(out: Path, paths: Sequence[Path], names: Sequence[str]) -> None:
-    inputs = {p.resolve() for p in paths}
-    for name in names:
-        for suffix in IMAGE_SUFFIXES:
-            target = (out / f"{name}{suffix}").resolve()
-            if target in inputs:
-                raise PyramidFlowError(
-                    f"{target}: an output would replace this input image; choose another --out"
-                )
-
-
-# -- journal ----------------------------------------------------------------------------------
-
-
-def _model_key(detector: Detector) -> str:
-    """A fingerprint of the model: rows of another model must not be resumed."""
-    payload = json.dumps(
-        {"config": detector.config.to_dict(), "info": detector.info, "t": detector.threshold},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """(header, rows by output name) of a journal; a torn last line is ignored."""
-    header: dict[str, Any] | None = None
-    rows: dict[str, dict[str, Any]] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, rows
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PyramidFlowError(f"{path}: cannot read the run journal ({exc})") from None
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line a killed run did not finish
-        if not isinstance(record, dict):
-            continue
-        if "pyramidflow_predict" in record:
-            header = record
-        elif isinstance(record.get("name"), str) and isinstance(record.get("file"), str):
-            rows[record["name"]] = record
-    return header, rows
-
-
-class _Journal:
-    """Append-only JSON lines, flushed after every line."""
-
-    def __init__(self, path: Path, header: dict[str, Any] | None) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            fd = os.open(path, flags, 0o666)
-        except OSError as exc:
-            raise PyramidFlowError(f"{path}: cannot write the run journal ({exc})") from None
-        self._handle = os.fdopen(fd, "a", encoding="utf-8", newline="\n")
-        if os.fstat(fd).st_size:
-            with open(path, "rb") as existing:
-                existing.seek(-1, os.SEEK_END)
-                if existing.read(1) != b"\n":
-                    self._handle.write("\n")  # end a line torn by a killed run
-        if header is not None:
-            self.append(header)
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        self._handle.write(json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n")
-        self._handle.flush()
-
-    def sync(self) -> None:
-        os.fsync(self._handle.fileno())
-
-    def close(self) -> None:
-        self.sync()
-        self._handle.close()
 
 
 # -- one image --------------------------------------------------------------------------------
@@ -326,11 +137,11 @@ def run_predict(
 
     threshold = detector.threshold
     summary = PredictSummary(out=out, threshold=threshold)
-    key = _model_key(detector)
+    key = model_key(detector)
     journal_path = out / JOURNAL
     done: dict[str, dict[str, Any]] = {}
     if resume:
-        header, done = _read_journal(journal_path)
+        header, done = read_journal(journal_path)
         if header is not None and header.get("model") != key:
             raise PyramidFlowError(
                 f"{journal_path}: written with another model; pass --overwrite to start over"
@@ -354,8 +165,8 @@ def run_predict(
             todo.append((path, name))
 
     header = {"pyramidflow_predict": JOURNAL_VERSION, "model": key, "threshold": threshold}
-    journal = _Journal(journal_path, header if write_header else None)
-    from .progress import counter_bar
+    journal = Journal(journal_path, header if write_header else None)
+    from ..progress import counter_bar
 
     bar = counter_bar(len(todo), "predicting", enabled=progress)
     try:
@@ -376,7 +187,7 @@ def run_predict(
     label_of = _label_function(labels)
     rows = [done[n] for n in names if n in done]
     summary.rows = len(rows)
-    _write_tables(out, rows)
+    write_tables(out, rows)
     if report:
         summary.report = _write_report(out, rows, paths, names, threshold, label_of, title)
     return summary
@@ -435,23 +246,6 @@ def _label_function(
     return lambda path: mapping.get(str(path))
 
 
-def _write_tables(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    records = [{c: row.get(c, "") for c in COLUMNS} for row in rows]
-
-    def write_csv(handle: IO[bytes]) -> None:
-        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
-        writer = csv.DictWriter(text, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        for record in records:
-            writer.writerow({**record, "score": "" if record["score"] is None else record["score"]})
-        text.flush()
-        text.detach()
-
-    atomic_write(out / TABLE_CSV, write_csv)
-    payload = json.dumps(records, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
-    atomic_write(out / TABLE_JSON, lambda f: f.write(payload.encode("utf-8")))
-
-
 def _write_report(
     out: Path,
     rows: Sequence[Mapping[str, Any]],
@@ -461,7 +255,7 @@ def _write_report(
     label_of: Callable[[Path], str | None],
     title: str | None,
 ) -> Path:
-    from .report import ReportItem, label_metrics, write_report
+    from ..report import ReportItem, label_metrics, write_report
 
     path_of = dict(zip(names, paths, strict=True))
     items = []
