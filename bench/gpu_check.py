@@ -15,10 +15,10 @@ whole check must fit in 8 minutes on one H200) is spent:
    backward, step, B = 2) at 256, 1024 and 2048 px, backend torch vs Triton, memory
    ``recompute`` vs ``store``: median step time and ``torch.cuda.max_memory_allocated``;
    an out-of-memory is caught and recorded (``status: "oom"``);
-5. the op tests on the device: every Triton op forward and backward (every coupling
-   mode) on a small odd shape against the float64 torch reference. (The repository's
-   ``tests/test_triton_*.py`` pin ``TRITON_INTERPRET=1`` and CPU tensors, so they cannot
-   run on CUDA; this section is their device counterpart.)
+5. the op tests on the device: the test suite's ``tests/test_triton_*.py`` (every Triton
+   op forward and backward against the float64 torch reference, a whole training step)
+   run by pytest with ``--device cuda`` (compiled kernels); one row per test case. The
+   CPU dry run runs the pyramid tests only, in the interpreter.
 
 ``--device cpu --tiny`` runs every code path with tiny shapes under Triton's interpreter
 (``TRITON_INTERPRET=1`` is set before Triton is imported) in well under a minute: that is
@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -84,7 +85,6 @@ class Settings:
             self.train_sizes = [16]
             self.train_stacks = 1
             self.train_steps = 1
-            self.check_shape = Shape(batch=3, channels=3, height=8, width=16, levels=2)
         else:
             self.copy_bytes = 2**30
             self.op_shape = Shape()  # 1024 x 1024, C = 16, B = 2, L = 4
@@ -92,7 +92,6 @@ class Settings:
             self.train_sizes = [256, 1024, 2048]
             self.train_stacks = 4
             self.train_steps = 3
-            self.check_shape = Shape(batch=3, channels=3, height=24, width=40, levels=4)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -129,13 +128,6 @@ def time_call(
             result = fn()
             times.append(time.perf_counter() - begin)
     return times, result
-
-
-def rel_rms(actual, expected) -> float:
-    """RMS of the difference over the RMS of ``expected`` (float64)."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
-    return float(((actual - expected).pow(2).mean().sqrt() / scale).item())
 
 
 def _flat(outputs) -> list:
@@ -278,6 +270,7 @@ def _bench_ops(shape: Shape) -> list[tuple[str, str, str, bool]]:
 def op_benchmarks(settings: Settings, report: dict[str, Any], budget: Budget) -> None:
     """Forward and backward of every op, torch vs Triton, with GB/s and agreement."""
     import torch
+    from pyramidflow_kernels.testing import relative_error
 
     shape, device = settings.op_shape, settings.device
     copy_bw = report["copy"].get("bytes_per_s") if report.get("copy") else None
@@ -311,7 +304,7 @@ def op_benchmarks(settings: Settings, report: dict[str, Any], budget: Budget) ->
                 report["ops"].append(row)
             if len(outputs_by_backend) == 2:
                 errors = [
-                    rel_rms(a, b)
+                    relative_error(a, b)
                     for a, b in zip(
                         outputs_by_backend["triton"], outputs_by_backend["torch"], strict=True
                     )
@@ -432,82 +425,60 @@ def _train(size: int, backend: str, memory: str, settings: Settings) -> dict[str
     return result
 
 
-def _check_cases() -> list[str]:
-    cases = ["pyramid_decompose", "pyramid_compose", "fourier_loss", "anomaly_map"]
-    for volume_norm, k in (("CVN", 1), ("SVN", 1), ("SVN", 2), ("CVN", 2)):
-        for mode in ("train", "eval"):
-            for op in ("affine_coupling", "affine_coupling_inverse"):
-                cases.append(f"{op}:{volume_norm}:{k}:{mode}")
-    return cases
+#: The test suite's Triton op tests: on a GPU they run compiled, on the device (``--device``
+#: in tests/conftest.py), instead of a second copy of them here.
+OP_TEST_FILES = (
+    "tests/test_triton_pyramid.py",
+    "tests/test_triton_coupling.py",
+    "tests/test_triton_loss_map.py",
+    "tests/test_triton_model.py",
+)
+#: The dry run on the CPU (interpreter) runs only the pyramid tests, to stay short.
+TINY_OP_TEST_FILES = ("tests/test_triton_pyramid.py",)
 
 
-def op_correctness(settings: Settings, report: dict[str, Any], budget: Budget) -> None:
-    """Triton (float32) against the torch reference (float64), forward and gradients."""
-    import torch
+def op_tests(settings: Settings, report: dict[str, Any], budget: Budget) -> None:
+    """Run the Triton op tests on this device with pytest; one row per test case."""
+    import tempfile
+    import xml.etree.ElementTree as ElementTree
 
-    shape, device = settings.check_shape, settings.device
-    tolerance = 1e-5
-    for key in _check_cases():
-        if budget.left() <= 0:
-            report["skipped"].append(f"correctness {key}: time budget spent")
-            continue
-        row: dict[str, Any] = {"op": key, "shape": shape.label(), "tolerance": tolerance}
+    files = TINY_OP_TEST_FILES if settings.tiny else OP_TEST_FILES
+    on_cuda = settings.device.startswith("cuda")
+    env = {**os.environ, "TRITON_INTERPRET": "0" if on_cuda else "1"}
+    with tempfile.TemporaryDirectory() as folder:
+        junit = Path(folder) / "op_tests.xml"
+        command = [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+            "--device", "cuda" if on_cuda else "cpu", f"--junitxml={junit}", *files,
+        ]  # fmt: skip
+        timeout = max(budget.left(), 60.0)
         try:
-            args, kwargs = _op_inputs(key, shape, device, requires_grad=True, seed=3)
-            reference = _as_float64(args)
-            fn = _op_function(key)
-            grad_wanted = key != "anomaly_map"
-            with torch.set_grad_enabled(grad_wanted):
-                ours = _flat(fn(*args, **kwargs, backend="triton") if grad_wanted else
-                             fn(*_detach(args), **kwargs, backend="triton"))  # fmt: skip
-                theirs = _flat(fn(*reference, **kwargs, backend="torch"))
-            errors = {"forward": max(rel_rms(a, b) for a, b in zip(ours, theirs, strict=True))}
-            if grad_wanted:
-                pairs = [
-                    (a, b)
-                    for a, b in zip(ours, theirs, strict=True)
-                    if a.requires_grad and b.requires_grad
-                ]
-                gen = torch.Generator(device=device).manual_seed(5)
-                seeds = [torch.randn(a.shape, device=device, generator=gen) for a, _ in pairs]
-                mine = torch.autograd.grad([a for a, _ in pairs], _grad_leaves(key, args), seeds)
-                ref = torch.autograd.grad(
-                    [b for _, b in pairs], _grad_leaves(key, reference),
-                    [s.double() for s in seeds],
-                )  # fmt: skip
-                errors["backward"] = max(rel_rms(a, b) for a, b in zip(mine, ref, strict=True))
-            row.update(rel_rms=errors, ok=all(v <= tolerance for v in errors.values()))
-        except Exception as error:  # noqa: BLE001
-            row.update(ok=False, error=f"{type(error).__name__}: {error}")
-        report["correctness"].append(row)
-        if not row["ok"]:
-            print(f"[check] {key}: FAIL {row.get('error') or row['rel_rms']}", flush=True)
-
-
-def _as_float64(args):
-    import torch
-
-    def convert(value):
-        if isinstance(value, torch.Tensor):
-            return value.detach().double().requires_grad_(value.requires_grad)
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        return value
-
-    return tuple(convert(a) for a in args)
-
-
-def _detach(args):
-    import torch
-
-    def convert(value):
-        if isinstance(value, torch.Tensor):
-            return value.detach()
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        return value
-
-    return tuple(convert(a) for a in args)
+            done = subprocess.run(
+                command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            report["skipped"].append(f"op tests: stopped after {timeout:.0f} s")
+            return
+        if not junit.is_file():
+            raise RuntimeError(f"pytest wrote no report: {done.stdout[-800:]} {done.stderr[-800:]}")
+        cases = ElementTree.parse(junit).getroot().iter("testcase")
+        for case in cases:
+            problem = case.find("failure")
+            if problem is None:
+                problem = case.find("error")
+            skipped = case.find("skipped")
+            row: dict[str, Any] = {
+                "op": f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}",
+                "seconds": float(case.get("time", 0.0)),
+                "ok": problem is None and skipped is None,
+            }  # fmt: skip
+            if problem is not None:
+                row["error"] = (problem.get("message") or "")[:500]
+            elif skipped is not None:
+                row["error"] = "skipped: " + (skipped.get("message") or "")[:200]
+            report["correctness"].append(row)
+            if not row["ok"]:
+                print(f"[check] {row['op']}: FAIL {row['error']}", flush=True)
 
 
 # --------------------------------------------------------------------------- output
@@ -615,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         guarded(report, "training", lambda: training_steps(settings, report, budget))
         save()
     if "correctness" in sections:
-        guarded(report, "correctness", lambda: op_correctness(settings, report, budget))
+        guarded(report, "correctness", lambda: op_tests(settings, report, budget))
     save()
     print(summary_table(report))
     print(f"JSON: {out}")

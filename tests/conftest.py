@@ -1,11 +1,89 @@
-"""Shared test setup."""
+"""Shared test setup: the debug switch off, and a tiny category and model made once per
+session (tests must not modify them: copy what they change)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+from pyramidflow import Config, Detector
+from pyramidflow.synthetic import generate_category
+
+#: The model of ``tiny_model`` as ``pyramidflow train`` flags (32 px, L 3, S 1, C 8, k 3).
+TINY_FLAGS = [
+    "--image-size", "32", "--levels", "3", "--stacks", "1", "--channels", "8",
+    "--kernel-size", "3", "--epochs", "1", "--no-progress",
+]  # fmt: skip
+TINY_CONFIG = Config(image_size=32, levels=3, stacks=1, channels=8, kernel_size=3, epochs=1)
+
+
+_TEST_DEVICE = {"device": "cpu"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the Triton op tests run: cpu (Triton's interpreter), cuda (compiled "
+        "kernels) or auto (cuda when TRITON_INTERPRET is unset or 0 and CUDA is available)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Resolve --device before any test module imports Triton (TRITON_INTERPRET is read
+    when Triton is imported)."""
+    choice = config.getoption("--device")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if choice == "cuda":
+        if interpreting:
+            raise pytest.UsageError("--device cuda needs TRITON_INTERPRET unset or 0")
+        os.environ["TRITON_INTERPRET"] = "0"
+    elif choice == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = choice
+    if choice != "cpu":
+        import torch
+
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: torch sees no CUDA device")
+        device = "cuda" if not interpreting and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            os.environ["TRITON_INTERPRET"] = "1"
+    _TEST_DEVICE["device"] = device
+
+
+def test_device() -> str:
+    """The device of the Triton op tests (``--device``): "cpu" runs the kernels in Triton's
+    interpreter, "cuda" compiled."""
+    return _TEST_DEVICE["device"]
+
+
+test_device.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
     """CLI errors as users see them: one line, no traceback (PYRAMIDFLOW_DEBUG unset)."""
     monkeypatch.delenv("PYRAMIDFLOW_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 32 px synthetic "disc" category in the MVTec AD layout: 8 good training images,
+    2 good and 1 defective test image per defect type, with masks."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    return generate_category(
+        root, "disc", size=32, n_train=8, n_test_good=2, n_test_defect_per_type=1
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model file trained for one epoch on ``tiny_category`` (``TINY_CONFIG``), with a
+    template and a threshold."""
+    detector = Detector(TINY_CONFIG).fit(tiny_category)
+    assert detector.threshold is not None
+    return detector.save(tmp_path_factory.mktemp("tiny_model") / "disc.safetensors")

@@ -17,18 +17,15 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import TINY_FLAGS
 from PIL import Image
 from safetensors.torch import save_file
 
 import pyramidflow.demo
 from pyramidflow.api import Detector
 from pyramidflow.cli import build_parser, main
-from pyramidflow.synthetic import generate_category
 
-TINY = [
-    "--image-size", "32", "--levels", "3", "--stacks", "1", "--channels", "8",
-    "--kernel-size", "3", "--epochs", "1", "--no-progress",
-]  # fmt: skip
+TINY = TINY_FLAGS
 METRICS = ("pixel_auroc", "image_auroc", "aupro")
 
 
@@ -50,21 +47,6 @@ def assert_one_line_error(err: str, *mentions: str) -> None:
     assert "Traceback" not in err
     for text in mentions:
         assert text in lines[0], (text, err)
-
-
-@pytest.fixture(scope="session")
-def tiny_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli_data")
-    return generate_category(
-        root, "disc", size=32, n_train=4, n_test_good=2, n_test_defect_per_type=1
-    )
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cli_model") / "disc.safetensors"
-    assert main(["train", str(tiny_category), "--out", str(path), *TINY]) == 0
-    return path
 
 
 # -- help ------------------------------------------------------------------------------------
@@ -302,8 +284,8 @@ def test_predict_unusable_image_is_one_line_naming_it_and_exit_1(
     bad = tmp_path / name
     if name.endswith(".png"):
         Image.fromarray(pixels).save(bad)
-    else:
-        tifffile.imwrite(bad, pixels)
+    else:  # one page, all channels as samples of each pixel
+        tifffile.imwrite(bad, pixels, photometric="minisblack", planarconfig="contig")
     good = tiny_category / "test" / "good" / "000.png"
     code, stdout, err = run(
         ["predict", tiny_model, bad, good, "--out", tmp_path / "out", "--no-progress"], capsys
@@ -472,11 +454,11 @@ def test_too_few_training_images_is_one_line(
     tiny_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = run(
-        ["train", tiny_category, "--out", tmp_path / "m.safetensors", *TINY, "--batch-size", "8"],
+        ["train", tiny_category, "--out", tmp_path / "m.safetensors", *TINY, "--batch-size", "16"],
         capsys,
     )
     assert code == 1
-    assert_one_line_error(err, tiny_category.name, "8")
+    assert_one_line_error(err, tiny_category.name, "16")
 
 
 # -- demo ------------------------------------------------------------------------------------

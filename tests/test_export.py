@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pyramidflow_kernels.testing import relative_error
 
 from pyramidflow import CheckpointError, Config, Detector, PyramidFlow, save_checkpoint
 from pyramidflow.cli import export as export_command
@@ -26,13 +27,6 @@ from pyramidflow.io.export import (
 from pyramidflow.synthetic import render_defect, render_normal
 
 SIZE = 32
-
-
-def rel_err(actual: np.ndarray | torch.Tensor, expected: np.ndarray | torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
 def random_model(volume_norm: str = "CVN", seed: int = 0) -> tuple[PyramidFlow, list]:
@@ -92,6 +86,7 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("volume_norm", ["CVN", "SVN"])
 def test_onnx_matches_pytorch_on_random_inputs_at_any_batch_size(volume_norm, tmp_path):
     needs_onnx()
@@ -108,7 +103,7 @@ def test_onnx_matches_pytorch_on_random_inputs_at_any_batch_size(volume_norm, tm
         want_map, want_score = torch_maps(model, template, images)
         assert amap.shape == (batch, SIZE, SIZE) and score.shape == (batch,)
         assert amap.dtype == np.float32
-        assert rel_err(amap, want_map) < 1e-4
+        assert relative_error(amap, want_map) < 1e-4
         assert np.allclose(score, want_score.numpy(), rtol=1e-4, atol=0)
 
 
@@ -132,7 +127,7 @@ def test_onnx_of_a_trained_detector_reproduces_predict_from_its_metadata(detecto
     images = (pixels.transpose(0, 3, 1, 2) - mean) / std
     amap, score = session.run(None, {"images": images.astype(np.float32)})
     for i, expected in enumerate(detector.predict([normal, defect])):
-        assert rel_err(amap[i], expected.anomaly_map) < 1e-4
+        assert relative_error(amap[i], expected.anomaly_map) < 1e-4
         assert score[i] == pytest.approx(expected.score, rel=1e-4)
         assert bool(score[i] >= meta["threshold"]) == expected.is_anomalous
 
@@ -149,7 +144,7 @@ def test_pt2_program_matches_pytorch_at_any_batch_size(tmp_path):
         amap, score = run(images)
         want_map, want_score = torch_maps(model, template, images)
         assert amap.shape == (batch, SIZE, SIZE) and score.shape == (batch,)
-        assert rel_err(amap, want_map) < 1e-5
+        assert relative_error(amap, want_map) < 1e-5
         torch.testing.assert_close(score, want_score, rtol=1e-5, atol=0)
 
 

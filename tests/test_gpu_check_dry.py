@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 
 OP_ROWS = {
@@ -25,6 +27,7 @@ OP_ROWS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tiny_cpu_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = subprocess.run(
@@ -56,7 +59,9 @@ def test_tiny_cpu_run_writes_every_section(tmp_path):
         assert row["status"] == "ok", row
         assert row["median_step_s"] > 0 and row["finite"]
 
-    assert len(report["correctness"]) >= 20
+    # the suite's pyramid op tests, run by the script (on a GPU: every Triton op test)
+    assert len(report["correctness"]) >= 10
+    assert all(c["op"].startswith("test_triton_pyramid::") for c in report["correctness"])
     failed = [c for c in report["correctness"] if not c["ok"]]
     assert not failed, failed
     assert "op checks on the device" in done.stdout.strip().splitlines()[-2]

@@ -19,6 +19,7 @@ import pyramidflow_kernels as ops
 import pytest
 import torch
 from pyramidflow_kernels.pyramid_reference import compose
+from pyramidflow_kernels.testing import relative_error
 
 from pyramidflow import Config, PyramidFlow
 from pyramidflow.model.numerics import (
@@ -81,12 +82,6 @@ def objective(latents: list[torch.Tensor], seed: int = 2) -> torch.Tensor:
     return latent_objective(latents, seed)
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
-
-
 def step_gradients(model: PyramidFlow, levels: list[torch.Tensor], memory: str):
     """Latents and gradients (inputs, then every parameter) of one objective step."""
     inputs = [t.detach().clone().requires_grad_(True) for t in levels]
@@ -109,13 +104,13 @@ def test_recompute_gradients_match_store(levels, stacks, volume_norm, batch):
     z_store, g_store = step_gradients(copy.deepcopy(model), levels_in, "store")
     z_recompute, g_recompute = step_gradients(copy.deepcopy(model), levels_in, "recompute")
     for ours, theirs in zip(z_recompute, z_store, strict=True):
-        assert rel_err(ours, theirs) < FLOAT64_TOL
+        assert relative_error(ours, theirs) < FLOAT64_TOL
     assert (
         len(g_recompute)
         == len(g_store)
         == levels + sum(p.requires_grad for p in model.parameters())
     )
-    errors = [rel_err(a, b) for a, b in zip(g_recompute, g_store, strict=True)]
+    errors = [relative_error(a, b) for a, b in zip(g_recompute, g_store, strict=True)]
     assert max(errors) < FLOAT64_TOL, f"worst gradient relative error {max(errors):.2e}"
 
 
@@ -173,14 +168,15 @@ def test_activation_pattern_replay_gives_the_same_gradients_and_follows_the_patt
         _, expected = step_gradients(copy.deepcopy(model), levels_in, "store")
     assert sorted(pattern) == list(range(len(model.blocks)))
     _, replayed = step_gradients(with_activation_pattern(model, pattern), levels_in, "store")
-    assert max(rel_err(a, b) for a, b in zip(replayed, expected, strict=True)) < 1e-13
+    assert max(relative_error(a, b) for a, b in zip(replayed, expected, strict=True)) < 1e-13
     # the replayed model takes the given branch even where the sign says otherwise
     flipped = {**pattern, 0: ~pattern[0]}
     _, other = step_gradients(with_activation_pattern(model, flipped), levels_in, "store")
     first_conv = len(levels_in)  # block 0's first parameter network weight
-    assert rel_err(other[first_conv], expected[first_conv]) > 1e-2
+    assert relative_error(other[first_conv], expected[first_conv]) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["SSE41", "AVX2"])
 def test_float32_numerics_hold_under_other_onednn_kernels(isa):
     """oneDNN picks convolution kernels per processor (and ONEDNN_MAX_CPU_ISA caps them):
@@ -202,7 +198,9 @@ def test_recompute_gradients_match_store_in_eval_mode():
     levels_in = make_levels(model, 2)
     _, g_store = step_gradients(model, levels_in, "store")
     _, g_recompute = step_gradients(model, levels_in, "recompute")
-    assert max(rel_err(a, b) for a, b in zip(g_recompute, g_store, strict=True)) < FLOAT64_TOL
+    assert (
+        max(relative_error(a, b) for a, b in zip(g_recompute, g_store, strict=True)) < FLOAT64_TOL
+    )
 
 
 def test_gradcheck_through_recompute():
@@ -279,7 +277,7 @@ def test_double_backward_raises_and_autograd_grad_works():
     assert all(p.grad is None for p in params)  # autograd.grad leaves .grad alone
     loss = objective(model.flow(levels_in, memory="store"))
     expected = torch.autograd.grad(loss, params)
-    assert max(rel_err(a, b) for a, b in zip(grads, expected, strict=True)) < FLOAT64_TOL
+    assert max(relative_error(a, b) for a, b in zip(grads, expected, strict=True)) < FLOAT64_TOL
 
     # store mode keeps higher-order gradients available
     loss = objective(model.flow(levels_in, memory="store"))
@@ -322,7 +320,7 @@ def test_gradients_of_a_loss_using_some_latents_only_match_store():
         grads[memory] = [
             torch.zeros_like(t) if g is None else g for g, t in zip(found, wrt, strict=True)
         ]
-    errors = [rel_err(a, b) for a, b in zip(grads["recompute"], grads["store"], strict=True)]
+    errors = [relative_error(a, b) for a, b in zip(grads["recompute"], grads["store"], strict=True)]
     assert max(errors) < FLOAT64_TOL
 
 
@@ -362,11 +360,11 @@ def test_strided_down_block_equals_straightforward():
         model.loss(out).backward()
         latents[name] = [z.detach() for z in out]
     for a, b in zip(latents["strided"], latents["plain"], strict=True):
-        assert rel_err(a, b) < FLOAT64_TOL
+        assert relative_error(a, b) < FLOAT64_TOL
     for (name, a), b in zip(strided.named_parameters(), plain.parameters(), strict=True):
         if not a.requires_grad:
             continue
-        assert rel_err(a.grad, b.grad) < FLOAT64_TOL, name
+        assert relative_error(a.grad, b.grad) < FLOAT64_TOL, name
 
     # the strided model updates the running mean at the pixels it uses (even ones)
     for a, b in zip(strided.blocks, plain.blocks, strict=True):
@@ -378,7 +376,7 @@ def test_strided_down_block_equals_straightforward():
     plain.eval()
     with torch.no_grad():
         for a, b in zip(strided(images), plain(images), strict=True):
-            assert rel_err(a, b) < FLOAT64_TOL
+            assert relative_error(a, b) < FLOAT64_TOL
 
 
 def straightforward_fourier_loss(latents: list[torch.Tensor]) -> torch.Tensor:
@@ -401,11 +399,11 @@ def test_channel_reduction_first_loss_and_map_match_straightforward():
     grads = torch.autograd.grad(loss, latents)
     expected_grads = torch.autograd.grad(expected, latents)
     for a, b in zip(grads, expected_grads, strict=True):
-        assert rel_err(a, b) < FLOAT64_TOL
+        assert relative_error(a, b) < FLOAT64_TOL
 
     template = [z.detach().mean(dim=0) for z in make_levels(model, 4, seed=5)]
     amap, scores = ops.anomaly_map(latents, template, backend="torch")
     expected_map = compose([(z - t).abs() for z, t in zip(latents, template, strict=True)])
     expected_map = expected_map.mean(dim=1)
-    assert rel_err(amap, expected_map) < FLOAT64_TOL
-    assert rel_err(scores, expected_map.amax(dim=(-2, -1))) < FLOAT64_TOL
+    assert relative_error(amap, expected_map) < FLOAT64_TOL
+    assert relative_error(scores, expected_map.amax(dim=(-2, -1))) < FLOAT64_TOL

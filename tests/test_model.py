@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pyramidflow_kernels.coupling_reference import soft_clamp
+from pyramidflow_kernels.testing import relative_error
 
 from pyramidflow import Config, PyramidFlow
 from pyramidflow.model.layers import CouplingBlock, InvertibleConv1x1, block_plan
@@ -25,12 +26,6 @@ VN_KINDS = ("CVN", "SVN")
 # docs/method.md section 3: CVN averages over batch and channels (one mean per pixel), SVN over
 # batch, height and width (one mean per channel)
 VN_DIMS = {"CVN": (0, 1), "SVN": (0, 2, 3)}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -116,7 +111,7 @@ def test_decompose_matches_formula_and_compose_inverts_it(levels, channels, size
         (2, channels, size[0] >> i, size[1] >> i) for i in range(levels)
     ]
     for ours, expected in zip(bands, straightforward_decompose(x, levels), strict=True):
-        assert rel_err(ours, expected) < 1e-13
+        assert relative_error(ours, expected) < 1e-13
     assert (ops.pyramid_compose(bands, backend="torch") - x).abs().max() < 1e-12 * x.abs().max()
 
 
@@ -128,9 +123,9 @@ def test_compose_is_linear_and_commutes_with_channel_means():
     compose = ops.pyramid_compose
     lhs = compose(combined, backend="torch")
     rhs = 1.5 * compose(first, backend="torch") - 0.25 * compose(second, backend="torch")
-    assert rel_err(lhs, rhs) < 1e-13
+    assert relative_error(lhs, rhs) < 1e-13
     means = compose([b.mean(dim=1, keepdim=True) for b in first], backend="torch")
-    assert rel_err(means, compose(first, backend="torch").mean(dim=1, keepdim=True)) < 1e-13
+    assert relative_error(means, compose(first, backend="torch").mean(dim=1, keepdim=True)) < 1e-13
 
 
 def test_compose_gradient_is_the_adjoint_of_its_matrix():
@@ -147,9 +142,9 @@ def test_compose_gradient_is_the_adjoint_of_its_matrix():
     flat = torch.cat([b.flatten() for b in bands]).requires_grad_(True)
     jacobian = torch.autograd.functional.jacobian(flat_compose, flat.detach())
     (grad,) = torch.autograd.grad(flat_compose(flat), flat, y.flatten())
-    assert rel_err(grad, jacobian.T @ y.flatten()) < 1e-13
+    assert relative_error(grad, jacobian.T @ y.flatten()) < 1e-13
     # and the matrix is compose itself (it is linear): J d = Compose(d)
-    assert rel_err(jacobian @ flat.detach(), flat_compose(flat.detach())) < 1e-13
+    assert relative_error(jacobian @ flat.detach(), flat_compose(flat.detach())) < 1e-13
 
 
 # ---------------------------------------------------------------- coupling blocks -------
@@ -191,7 +186,7 @@ def test_every_block_kind_is_invertible(kind, kwargs, volume_norm, training):
         # only the target changes, and it really changes
         for i, (a, b) in enumerate(zip(out, levels, strict=True)):
             if i == block.target:
-                assert rel_err(a, b) > 0.1
+                assert relative_error(a, b) > 0.1
             else:
                 assert torch.equal(a, b)
         back = block.inverse(out)
@@ -202,7 +197,7 @@ def test_every_block_kind_is_invertible(kind, kwargs, volume_norm, training):
     with torch.no_grad():
         back32 = block32.inverse(block32([t.float() for t in levels], update_stats=False))
     for a, b in zip(back32, levels, strict=True):
-        assert rel_err(a, b) < 1e-4
+        assert relative_error(a, b) < 1e-4
 
 
 def test_inverse_in_train_mode_uses_the_same_batch_statistics():
@@ -213,7 +208,7 @@ def test_inverse_in_train_mode_uses_the_same_batch_statistics():
     with torch.no_grad():
         out = block.train()(levels, update_stats=False)
         assert (block.train().inverse(out)[1] - levels[1]).abs().max() < 1e-10
-        assert rel_err(block.eval().inverse(out)[1], levels[1]) > 1e-3
+        assert relative_error(block.eval().inverse(out)[1], levels[1]) > 1e-3
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -227,7 +222,7 @@ def test_whole_model_is_invertible(volume_norm, training):
     with torch.no_grad():
         latents = model(images)
         features = model.inconv(images)
-        assert rel_err(latents[0], model.pyramid(images)[0]) > 0.1  # the flow does something
+        assert relative_error(latents[0], model.pyramid(images)[0]) > 0.1  # the flow does something
         back = model.inverse(latents)
         assert (back - features).abs().max() < 1e-10 * features.abs().max()
         assert (model.reconstruct_images(latents) - images).abs().max() < 1e-10
@@ -238,7 +233,7 @@ def test_whole_model_is_invertible(volume_norm, training):
     model32 = copy.deepcopy(model).float()
     with torch.no_grad():
         back32 = model32.reconstruct_images(model32(images.float()))
-    assert rel_err(back32, images) < 1e-4
+    assert relative_error(back32, images) < 1e-4
 
 
 # ---------------------------------------------------------------- 1x1 mixing ------------
@@ -257,12 +252,12 @@ def test_lu_mixing_has_unit_determinant_after_perturbation(channels):
         mixing.w_s.add_(3.0)  # a large overall log-scale must be normalised away
     weight = mixing.weight().detach()
     if channels > 1:
-        assert rel_err(weight, before) > 0.1
+        assert relative_error(weight, before) > 0.1
     assert abs(abs(torch.linalg.det(weight).item()) - 1.0) < 1e-10
     # a constant added to w_s changes nothing: only its deviations from the mean count
     with torch.no_grad():
         mixing.w_s.add_(-7.5)
-    assert rel_err(mixing.weight().detach(), weight) < 1e-14
+    assert relative_error(mixing.weight().detach(), weight) < 1e-14
 
 
 def test_mixing_factors_are_strictly_triangular_and_gradients_respect_masks():
@@ -308,7 +303,7 @@ def test_volume_normalization_in_training(kind, kwargs, volume_norm):
     expected = s - s.mean(dim=dims, keepdim=True)
     stride = s.shape[-1] // log_scale.shape[-1]
     expected = expected[..., ::stride, ::stride]
-    assert rel_err(log_scale, expected) < 1e-12
+    assert relative_error(log_scale, expected) < 1e-12
     assert log_scale.abs().max() > 0.05  # the scales are not trivial
     if stride == 1 or volume_norm == "CVN":
         # the applied log-scales have zero mean along the VN dims: the map keeps volume
@@ -336,13 +331,16 @@ def test_eval_mode_uses_running_means_and_is_per_sample(volume_norm):
         # the running means are really used: changing them changes the latents
         model.blocks[0].running_mean.add_(0.5)
         target = model.blocks[0].target
-        assert rel_err(model(torch.cat([a, b]))[target], first[target]) > 1e-3
+        assert relative_error(model(torch.cat([a, b]))[target], first[target]) > 1e-3
         model.blocks[0].running_mean.sub_(0.5)
         # in training the batch statistics couple the samples of a batch
         model.train()
         train_first = model(torch.cat([a, b]))
         train_second = model(torch.cat([a, c]))
-    assert max(rel_err(x[0], y[0]) for x, y in zip(train_first, train_second, strict=True)) > 1e-6
+    assert (
+        max(relative_error(x[0], y[0]) for x, y in zip(train_first, train_second, strict=True))
+        > 1e-6
+    )
 
 
 def expected_running_means(model: PyramidFlow, images: torch.Tensor) -> list[torch.Tensor]:
@@ -441,7 +439,7 @@ def test_fresh_model_is_the_mixing_only():
                 "oc,bchw->bohw", block.mixing.weight(), expected[block.target]
             )
     for a, b in zip(latents, expected, strict=True):
-        assert rel_err(a, b) < 1e-13
+        assert relative_error(a, b) < 1e-13
 
 
 def test_input_projection_is_frozen_orthogonal_and_latent_shapes():
@@ -449,7 +447,7 @@ def test_input_projection_is_frozen_orthogonal_and_latent_shapes():
     weight = model.inconv.weight
     assert not weight.requires_grad
     columns = weight[:, :, 0, 0]
-    assert rel_err(columns.T @ columns, torch.eye(3, dtype=columns.dtype)) < 1e-6
+    assert relative_error(columns.T @ columns, torch.eye(3, dtype=columns.dtype)) < 1e-6
     before = weight.detach().clone()
     images = randn(2, 3, 64, 48, seed=50)
     latents = model(images)

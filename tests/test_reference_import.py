@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from numpy.lib import format as npy_format
+from pyramidflow_kernels.testing import relative_error
 
 from pyramidflow import Config, load_checkpoint, load_reference_checkpoint, save_checkpoint
 from pyramidflow.io.reference_import import (
@@ -66,11 +67,6 @@ def _write_authors_npz(
     return path
 
 
-def _rel_rms(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (ours.double() - ref.double()).pow(2).mean().sqrt()
-    return (diff / ref.double().pow(2).mean().sqrt()).item()
-
-
 def _images(size: int, seed: int = 3) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64)
@@ -116,8 +112,8 @@ def test_imported_model_matches_authors_forward(
         ours64 = model.double()(images)
     for level, (ref, z32, z64) in enumerate(zip(expected, ours32, ours64, strict=True)):
         assert z64.shape == ref.shape
-        assert _rel_rms(z64, ref) < 1e-12, f"level {level} (float64)"
-        assert _rel_rms(z32, ref) < 1e-5, f"level {level} (float32)"
+        assert relative_error(z64, ref) < 1e-12, f"level {level} (float64)"
+        assert relative_error(z32, ref) < 1e-5, f"level {level} (float32)"
 
 
 def test_files_pickled_by_numpy_1_load_safely(tmp_path: Path) -> None:
@@ -160,8 +156,8 @@ def test_safe_and_trusting_loaders_agree_and_pick_the_requested_state(tmp_path: 
         z_pro = pro_model.double()(images)
         expected_pro = authors_model.latents(pro, cfg, images)
         expected_pixel = authors_model.latents(pixel, cfg, images)
-    assert _rel_rms(z_pro[0], expected_pro[0]) < 1e-12
-    assert _rel_rms(z_pro[0], expected_pixel[0]) > 1e-3
+    assert relative_error(z_pro[0], expected_pro[0]) < 1e-12
+    assert relative_error(z_pro[0], expected_pixel[0]) > 1e-3
 
 
 def test_untrained_running_means_are_broadcast(tmp_path: Path) -> None:
@@ -176,7 +172,7 @@ def test_untrained_running_means_are_broadcast(tmp_path: Path) -> None:
     with torch.no_grad():
         ours = model.double()(images)
         expected = authors_model.latents(state, cfg, images)
-    assert all(_rel_rms(a, b) < 1e-12 for a, b in zip(ours, expected, strict=True))
+    assert all(relative_error(a, b) < 1e-12 for a, b in zip(ours, expected, strict=True))
 
 
 def test_imported_model_survives_our_checkpoint_format(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from pyramidflow import Config, Detector
 from pyramidflow.cli import main
 from pyramidflow.cli.train import train_state_path
 from pyramidflow.io.checkpoint import load_checkpoint
-from pyramidflow.synthetic import generate_category
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -39,24 +38,22 @@ RUNNER = textwrap.dedent(
     from pyramidflow.cli import main
 
     if sys.argv[1] == "stall":
-        real_save = loop._save_state
+        real_save = loop.save_train_state
 
         def save_then_stall(*args, **kwargs):
             real_save(*args, **kwargs)
             time.sleep(600)
 
-        loop._save_state = save_then_stall
+        loop.save_train_state = save_then_stall
     sys.exit(main(sys.argv[2:]))
     """
 )
 
 
 @pytest.fixture(scope="module")
-def category(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("train_cli_data")
-    return generate_category(
-        root, "disc", size=32, n_train=8, n_test_good=2, n_test_defect_per_type=1
-    )
+def category(tiny_category: Path) -> Path:
+    """The session's tiny category (conftest.py)."""
+    return tiny_category
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +87,7 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
     assert not different, f"differ: {different}"
 
 
+@pytest.mark.slow
 def test_a_killed_cli_run_resumes_to_the_uninterrupted_weights(
     category: Path, runner: Path, tmp_path: Path
 ) -> None:

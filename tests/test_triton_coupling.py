@@ -1,4 +1,5 @@
-"""Triton affine coupling (run in Triton's CPU interpreter) against the torch reference.
+"""Triton affine coupling against the torch reference, on ``--device`` (conftest.py: Triton's
+CPU interpreter by default, compiled kernels with ``--device cuda``).
 
 The reference runs in float64 (upcast inputs); the Triton kernels run in float32 and
 must agree to a relative RMS error of 1e-5 for the output and every gradient.
@@ -6,7 +7,7 @@ must agree to a relative RMS error of 1e-5 for the output and every gradient.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported anywhere
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported anywhere
 
 import copy  # noqa: E402
 import subprocess  # noqa: E402
@@ -19,16 +20,12 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
 import pyramidflow_kernels  # noqa: E402
+from conftest import test_device  # noqa: E402
 from pyramidflow_kernels import coupling_reference, coupling_triton  # noqa: E402
+from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 TOL = 1e-5
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """RMS of the error over the RMS of the expected value."""
-    actual, expected = actual.double(), expected.double()
-    scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
-    return ((actual - expected).pow(2).mean().sqrt() / scale).item()
+DEVICE = test_device()
 
 
 def make_inputs(channels, batch, stride, volume_norm, seed=0, height=12, width=20):
@@ -40,7 +37,7 @@ def make_inputs(channels, batch, stride, volume_norm, seed=0, height=12, width=2
     weight = q + 0.2 * torch.randn(channels, channels, generator=gen)
     shape = (1, 1, stride * height, stride * width) if volume_norm == "CVN" else (1, channels, 1, 1)
     running_mean = 0.3 * torch.randn(shape, generator=gen)
-    return x, h, weight, running_mean
+    return tuple(t.to(DEVICE) for t in (x, h, weight, running_mean))
 
 
 def leaves(*tensors, dtype=None):
@@ -62,21 +59,21 @@ def test_forward_and_gradients_match_reference(channels, batch, stride, volume_n
     z_ref, mean_ref = coupling_reference.affine_coupling(*theirs, running_mean.double(), **options)
     assert z.shape == x.shape and z.dtype == x.dtype
     assert mean.shape == mean_ref.shape
-    assert rel_rms(z, z_ref) <= TOL
-    assert rel_rms(mean, mean_ref) <= TOL
+    assert relative_error(z, z_ref) <= TOL
+    assert relative_error(mean, mean_ref) <= TOL
 
     gen = torch.Generator().manual_seed(1)
-    grad_z = torch.randn(z.shape, generator=gen)
+    grad_z = torch.randn(z.shape, generator=gen).to(DEVICE)
     loss = (z * grad_z).sum()
     loss_ref = (z_ref * grad_z.double()).sum()
     if training:  # the returned batch mean is differentiable too
-        grad_mean = torch.randn(mean.shape, generator=gen)
+        grad_mean = torch.randn(mean.shape, generator=gen).to(DEVICE)
         loss = loss + (mean * grad_mean).sum()
         loss_ref = loss_ref + (mean_ref * grad_mean.double()).sum()
     loss.backward()
     loss_ref.backward()
     for name, mine, ref in zip(("x", "h", "weight"), ours, theirs, strict=True):
-        assert rel_rms(mine.grad, ref.grad) <= TOL, f"grad {name}"
+        assert relative_error(mine.grad, ref.grad) <= TOL, f"grad {name}"
 
 
 @pytest.mark.parametrize(
@@ -98,7 +95,7 @@ def test_inverse_matches_reference_and_undoes_forward(
     with torch.no_grad():
         z, _ = coupling_triton.affine_coupling(x, h, weight, running_mean, **options)
         assert (
-            rel_rms(
+            relative_error(
                 coupling_triton.affine_coupling_inverse(z, h, weight, running_mean, **options), x
             )
             <= TOL
@@ -108,12 +105,12 @@ def test_inverse_matches_reference_and_undoes_forward(
     theirs = leaves(z, h, weight, dtype=torch.float64)
     out = coupling_triton.affine_coupling_inverse(*ours, running_mean, **options)
     ref = coupling_reference.affine_coupling_inverse(*theirs, running_mean.double(), **options)
-    assert rel_rms(out, ref) <= TOL
-    grad_x = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    assert relative_error(out, ref) <= TOL
+    grad_x = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     (out * grad_x).sum().backward()
     (ref * grad_x.double()).sum().backward()
     for name, mine, expected in zip(("z", "h", "weight"), ours, theirs, strict=True):
-        assert rel_rms(mine.grad, expected.grad) <= TOL, f"grad {name}"
+        assert relative_error(mine.grad, expected.grad) <= TOL, f"grad {name}"
 
 
 def test_non_power_of_two_channels_forward_and_gradients():
@@ -124,11 +121,11 @@ def test_non_power_of_two_channels_forward_and_gradients():
     z_ref, _ = coupling_reference.affine_coupling(
         *theirs, running_mean.double(), volume_norm="CVN", training=True
     )
-    assert rel_rms(z, z_ref) <= TOL
+    assert relative_error(z, z_ref) <= TOL
     z.square().sum().backward()
     z_ref.square().sum().backward()
     for mine, ref in zip(ours, theirs, strict=True):
-        assert rel_rms(mine.grad, ref.grad) <= TOL
+        assert relative_error(mine.grad, ref.grad) <= TOL
 
 
 def test_public_op_dispatches_to_triton(monkeypatch):
@@ -148,7 +145,7 @@ def test_public_op_dispatches_to_triton(monkeypatch):
         x, h, weight, running_mean, volume_norm="SVN", training=True, backend="torch"
     )
     assert calls == [True]
-    assert rel_rms(z, z_ref) <= TOL
+    assert relative_error(z, z_ref) <= TOL
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -217,39 +214,40 @@ def test_training_step_with_triton_coupling_equals_torch(volume_norm):
     reference = PyramidFlow(config)
     _randomize_parameter_nets(reference, seed=5)
     reference.set_backend("torch")
-    model = copy.deepcopy(reference)
+    model = copy.deepcopy(reference).to(DEVICE)
     # Only the coupling runs in Triton: the pyramid and the loss stay on the torch path
     # so that this test checks the coupling alone inside the memory-saving flow.
     for block in model.blocks:
         block.backend = "triton"
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    inputs = {id(reference): images, id(model): images.to(DEVICE)}
 
     results = []
     for net in (reference, model):
         net.train()
-        latents = net(images)
+        latents = net(inputs[id(net)])
         loss = net.loss(latents)
         loss.backward()
         results.append((latents, loss))
     (lat_ref, loss_ref), (lat, loss) = results
     for mine, ref in zip(lat, lat_ref, strict=True):
-        assert rel_rms(mine, ref) <= TOL
-    assert rel_rms(loss, loss_ref) <= TOL
+        assert relative_error(mine, ref) <= TOL
+    assert relative_error(loss, loss_ref) <= TOL
     named_ref = dict(reference.named_parameters())
     checked = 0
     for name, param in model.named_parameters():
         if param.requires_grad:
-            assert rel_rms(param.grad, named_ref[name].grad) <= TOL, name
+            assert relative_error(param.grad, named_ref[name].grad) <= TOL, name
             checked += 1
     assert checked > 0
     buffers_ref = dict(reference.named_buffers())
     for name, buffer in model.named_buffers():
         if name.endswith("running_mean"):
-            assert rel_rms(buffer, buffers_ref[name]) <= TOL, name
+            assert relative_error(buffer, buffers_ref[name]) <= TOL, name
             assert buffer.abs().sum() > 0, name
     # eval mode subtracts those running means (strided views for CVN down blocks)
     with torch.no_grad():
         lat_ref = reference.eval()(images)
-        lat = model.eval()(images)
+        lat = model.eval()(images.to(DEVICE))
     for mine, ref in zip(lat, lat_ref, strict=True):
-        assert rel_rms(mine, ref) <= TOL
+        assert relative_error(mine, ref) <= TOL

@@ -15,21 +15,15 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
 import pyramidflow_kernels  # noqa: E402
+from conftest import test_device  # noqa: E402
 from pyramidflow_kernels import loss_map_reference, loss_map_triton  # noqa: E402
-from pyramidflow_kernels._backend import interpreting  # noqa: E402
+from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 TOL = 1e-5
-DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+DEVICE = test_device()  # conftest.py: --device
 
 # (B, C, H, W, levels): B >= 2 for the loss; odd coarse sizes (24x40 at L=4 ends at 3x5)
 SHAPES = [(2, 3, 24, 40, 2), (3, 16, 48, 80, 5), (3, 3, 24, 40, 4)]
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """RMS of the error over the RMS of the expected value."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
-    return ((actual - expected).pow(2).mean().sqrt() / scale).item()
 
 
 def pyramid(batch, channels, height, width, levels, seed=0):
@@ -61,11 +55,11 @@ def test_fourier_loss_and_gradients_match_reference(shape):
     loss = loss_map_triton.fourier_loss(ours)
     loss_ref = loss_map_reference.fourier_loss(theirs)
     assert loss.shape == () and loss.dtype == latents[0].dtype
-    assert rel_rms(loss, loss_ref) <= TOL
+    assert relative_error(loss, loss_ref) <= TOL
     loss.backward()
     loss_ref.backward()
     for level, (mine, expected) in enumerate(zip(ours, theirs, strict=True)):
-        assert rel_rms(mine.grad, expected.grad) <= TOL, f"grad of level {level}"
+        assert relative_error(mine.grad, expected.grad) <= TOL, f"grad of level {level}"
 
 
 def test_fourier_loss_in_float64():
@@ -74,10 +68,12 @@ def test_fourier_loss_in_float64():
     loss = loss_map_triton.fourier_loss(latents)
     loss_ref = loss_map_reference.fourier_loss(reference)
     assert loss.dtype == torch.float64
-    assert rel_rms(loss, loss_ref) <= 1e-12
+    assert relative_error(loss, loss_ref) <= 1e-12
     loss.backward()
     loss_ref.backward()
-    assert all(rel_rms(a.grad, b.grad) <= 1e-10 for a, b in zip(latents, reference, strict=True))
+    assert all(
+        relative_error(a.grad, b.grad) <= 1e-10 for a, b in zip(latents, reference, strict=True)
+    )
 
 
 def test_identical_images_give_zero_loss_and_finite_zero_gradient():
@@ -106,8 +102,8 @@ def test_anomaly_map_and_score_match_reference(shape, template_batch_dim):
         [z.double() for z in latents], [t.double() for t in template]
     )
     assert amap.shape == (shape[0], shape[2], shape[3]) and score.shape == (shape[0],)
-    assert rel_rms(amap, amap_ref) <= TOL
-    assert rel_rms(score, score_ref) <= TOL
+    assert relative_error(amap, amap_ref) <= TOL
+    assert relative_error(score, score_ref) <= TOL
 
 
 def test_anomaly_map_is_inference_only():
@@ -135,7 +131,8 @@ def test_public_ops_dispatch_to_triton(monkeypatch):
     loss = pyramidflow_kernels.fourier_loss(latents)
     amap, _ = pyramidflow_kernels.anomaly_map(latents, template)
     assert calls == ["loss", "map"]
-    assert rel_rms(loss, pyramidflow_kernels.fourier_loss(latents, backend="torch")) <= TOL
+    assert relative_error(loss, pyramidflow_kernels.fourier_loss(latents, backend="torch")) <= TOL
     assert (
-        rel_rms(amap, pyramidflow_kernels.anomaly_map(latents, template, backend="torch")[0]) <= TOL
+        relative_error(amap, pyramidflow_kernels.anomaly_map(latents, template, backend="torch")[0])
+        <= TOL
     )

@@ -21,21 +21,15 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
+from conftest import test_device  # noqa: E402
 from pyramidflow_kernels import ops  # noqa: E402
-from pyramidflow_kernels._backend import interpreting  # noqa: E402
+from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 from pyramidflow import Config, PyramidFlow  # noqa: E402
 
 TOL = 1e-5
-DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+DEVICE = test_device()  # conftest.py: --device
 SIZE = 32
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """RMS of the error over the RMS of the expected value."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
-    return ((actual - expected).pow(2).mean().sqrt() / scale).item()
 
 
 def make_model(volume_norm: str, memory: str) -> PyramidFlow:
@@ -99,9 +93,9 @@ def test_training_step_on_triton_equals_torch(volume_norm, memory, monkeypatch):
     assert len(lat) == 3
     for mine, ref in zip(lat, lat_ref, strict=True):
         assert mine.dtype == torch.float32
-        assert rel_rms(mine, ref) <= TOL
+        assert relative_error(mine, ref) <= TOL
     assert loss > 0
-    assert rel_rms(loss, loss_ref) <= TOL
+    assert relative_error(loss, loss_ref) <= TOL
     named_ref = dict(reference.named_parameters())
     checked = 0
     for name, param in model.named_parameters():
@@ -110,13 +104,13 @@ def test_training_step_on_triton_equals_torch(volume_norm, memory, monkeypatch):
             continue
         expected = named_ref[name].grad
         assert expected.abs().sum() > 0, name
-        assert rel_rms(param.grad, expected) <= TOL, name
+        assert relative_error(param.grad, expected) <= TOL, name
         checked += 1
     assert checked == 5 * len(model.blocks)  # 2 convolutions + w_l, w_s, w_u per block
     buffers_ref = dict(reference.named_buffers())
     for name, buffer in model.named_buffers():
         if name.endswith("running_mean"):
-            assert rel_rms(buffer, buffers_ref[name]) <= TOL, name
+            assert relative_error(buffer, buffers_ref[name]) <= TOL, name
 
     # eval mode afterwards: latents (running means) and the anomaly map against a template
     reference.eval()
@@ -129,10 +123,10 @@ def test_training_step_on_triton_equals_torch(volume_norm, memory, monkeypatch):
         map_ref, score_ref = reference.anomaly_map(lat_ref, template_ref)
         amap, score = model.anomaly_map(lat, template)
     for mine, ref in zip(lat, lat_ref, strict=True):
-        assert rel_rms(mine, ref) <= TOL
+        assert relative_error(mine, ref) <= TOL
     assert calls["anomaly_map"] == 1
-    assert rel_rms(amap, map_ref) <= TOL
-    assert rel_rms(score, score_ref) <= TOL
+    assert relative_error(amap, map_ref) <= TOL
+    assert relative_error(score, score_ref) <= TOL
 
 
 @pytest.mark.parametrize("forced", ["triton", "torch"])

@@ -17,21 +17,15 @@ from hypothesis import strategies as st  # noqa: E402
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
 import pyramidflow_kernels  # noqa: E402
+from conftest import test_device  # noqa: E402
 from pyramidflow_kernels import pyramid_reference, pyramid_triton  # noqa: E402
-from pyramidflow_kernels._backend import interpreting  # noqa: E402
+from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 TOL = 1e-5
-DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
+DEVICE = test_device()  # conftest.py: --device
 
 # (B, C, H, W, levels): odd coarse sizes on purpose (24x40 at L=4 ends at 3x5)
 SHAPES = [(1, 3, 24, 40, 2), (3, 16, 48, 80, 5), (2, 3, 24, 40, 4)]
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """RMS of the error over the RMS of the expected value."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    scale = expected.pow(2).mean().sqrt().clamp_min(1e-30)
-    return ((actual - expected).pow(2).mean().sqrt() / scale).item()
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -51,11 +45,11 @@ def check_decompose(shape, seed=0):
     assert len(bands) == levels
     for level, (band, ref) in enumerate(zip(bands, bands_ref, strict=True)):
         assert band.shape == ref.shape and band.dtype == x.dtype
-        assert rel_rms(band, ref) <= TOL, f"band {level}"
+        assert relative_error(band, ref) <= TOL, f"band {level}"
     grads = [randn(*b.shape, seed=seed + 10 + i) for i, b in enumerate(bands)]
     torch.autograd.backward(bands, grads)
     torch.autograd.backward(bands_ref, [g.double() for g in grads])
-    assert rel_rms(ours.grad, theirs.grad) <= TOL
+    assert relative_error(ours.grad, theirs.grad) <= TOL
 
 
 def check_compose(shape, seed=0):
@@ -66,12 +60,12 @@ def check_compose(shape, seed=0):
     out = pyramid_triton.pyramid_compose(ours)
     ref = pyramid_reference.compose(theirs)
     assert out.shape == ref.shape and out.dtype == bands[0].dtype
-    assert rel_rms(out, ref) <= TOL
+    assert relative_error(out, ref) <= TOL
     grad = randn(*out.shape, seed=seed + 100)
     out.backward(grad)
     ref.backward(grad.double())
     for level, (mine, expected) in enumerate(zip(ours, theirs, strict=True)):
-        assert rel_rms(mine.grad, expected.grad) <= TOL, f"grad of band {level}"
+        assert relative_error(mine.grad, expected.grad) <= TOL, f"grad of band {level}"
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -104,7 +98,7 @@ def test_compose_inverts_decompose_in_float64():
     x = randn(2, 3, 24, 40, seed=5).double()
     bands = pyramid_triton.pyramid_decompose(x, 4)
     assert all(b.dtype == torch.float64 for b in bands)
-    assert rel_rms(pyramid_triton.pyramid_compose(bands), x) <= 1e-12
+    assert relative_error(pyramid_triton.pyramid_compose(bands), x) <= 1e-12
 
 
 def test_up_adjoint_is_the_adjoint_of_up():
@@ -114,7 +108,9 @@ def test_up_adjoint_is_the_adjoint_of_up():
     rhs = (coarse * pyramid_triton.up_adjoint(fine)).sum()
     assert abs((lhs - rhs).item()) <= 1e-12 * abs(lhs.item())
     # and Up itself is the reference's pixel replication followed by the blur
-    assert rel_rms(pyramid_triton.up_add(coarse, None), pyramid_reference.up(coarse)) <= 1e-12
+    assert (
+        relative_error(pyramid_triton.up_add(coarse, None), pyramid_reference.up(coarse)) <= 1e-12
+    )
 
 
 def test_bad_sizes_raise_clear_errors():
@@ -137,7 +133,7 @@ def test_public_ops_dispatch_to_triton(monkeypatch):
     monkeypatch.setenv("PYRAMIDFLOW_BACKEND", "triton")
     out = pyramidflow_kernels.pyramid_compose(bands)
     assert len(calls) == 1
-    assert rel_rms(out, pyramidflow_kernels.pyramid_compose(bands, backend="torch")) <= TOL
+    assert relative_error(out, pyramidflow_kernels.pyramid_compose(bands, backend="torch")) <= TOL
     assert len(pyramidflow_kernels.pyramid_decompose(bands[0], 2)) == 2
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from pyramidflow_kernels.testing import relative_error
 from torch import nn
 
 from .flow import PyramidFlow
@@ -113,12 +114,6 @@ def _gradients(
     return [name for name, _ in named], [g.detach().double() for g in grads]
 
 
-def _relative(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
-    diff = sum(((a - e) ** 2).sum() for a, e in zip(actual, expected, strict=True))
-    norm = sum((e**2).sum() for e in expected)
-    return (diff.sqrt() / norm.sqrt().clamp_min(1e-300)).item()
-
-
 def float32_gradient_error(
     model: PyramidFlow,
     inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -141,10 +136,12 @@ def float32_gradient_error(
     matched = with_activation_pattern(model, pattern).double()
     _, g64 = _gradients(matched, inputs, "store", objective)
     flips = sum(int((pattern[i] != plain_pattern[i]).sum()) for i in pattern)
-    per_tensor = {name: _relative([a], [e]) for name, a, e in zip(names, g32, g64, strict=True)}
+    per_tensor = {
+        name: relative_error([a], [e]) for name, a, e in zip(names, g32, g64, strict=True)
+    }
     return GradientError(
-        overall=_relative(g32, g64),
+        overall=relative_error(g32, g64),
         per_tensor=per_tensor,
-        overall_plain=_relative(g32, g64_plain),
+        overall_plain=relative_error(g32, g64_plain),
         kink_flips=flips,
     )
