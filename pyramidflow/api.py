@@ -19,7 +19,13 @@ import torch
 from . import preprocess
 from .config import Config
 from .errors import DataError
-from .io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .io.checkpoint import (
+    SPREAD_PREFIX,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    spread_from_extras,
+)
 from .io.datasets import Sample, open_category, training_images
 from .io.images import read_array, read_mask
 from .metrics import evaluate_maps, f1_max
@@ -27,7 +33,7 @@ from .model.flow import PyramidFlow
 from .model.scoring import anomaly_maps
 from .progress import progress_bar
 from .training.loop import train
-from .training.template import compute_template
+from .training.template import compute_template, compute_template_and_spread
 
 ImageLike = str | os.PathLike[str] | np.ndarray
 EpochCallback = Callable[[int, float, "dict[str, float] | None"], None]
@@ -68,6 +74,8 @@ class Detector:
         self.device = torch.device(device)
         self.model: PyramidFlow | None = None
         self.template: list[torch.Tensor] | None = None
+        # the good images' standard deviation of every latent element (scoring "znorm")
+        self.spread: list[torch.Tensor] | None = None
         self.threshold: float | None = None
         self.info: dict[str, Any] = {}
 
@@ -116,7 +124,7 @@ class Detector:
         del images  # the full stack is not needed beside its two parts
         torch.manual_seed(self.config.seed)
         self.model = model = PyramidFlow(self.config)
-        self.template, self.threshold = None, None
+        self.template, self.spread, self.threshold = None, None, None
         epoch_metrics: list[dict[str, float]] = []
 
         def after_epoch(epoch: int, loss: float) -> None:
@@ -137,7 +145,7 @@ class Detector:
             resume=resume,
             on_epoch=after_epoch if eval_data is not None or on_epoch is not None else None,
         )
-        self.template = compute_template(model, train_images, device=self.device, progress=progress)
+        self._compute_template(model, train_images, progress)
         source_of_threshold = "held-out good images" if held_out else "training images"
         _, scores = self.score_batch(reference)
         self.threshold = float(np.quantile(scores.numpy(), self.config.threshold_quantile))
@@ -149,6 +157,7 @@ class Detector:
             "steps": report.steps,
             "epoch_losses": report.epoch_losses,
             "train_seconds": round(report.seconds, 3),
+            "scoring": self.config.scoring,
         }
         if report.start_epoch:
             self.info["resumed_at_epoch"] = report.start_epoch
@@ -156,6 +165,16 @@ class Detector:
             self.info["epoch_metrics"] = epoch_metrics
             self.info["epoch_metrics_data"] = str(eval_data)
         return self
+
+    def _compute_template(self, model: PyramidFlow, images: torch.Tensor, progress: bool) -> None:
+        """The template, and the spread when the scoring recipe needs it."""
+        if self.config.scoring == "znorm":
+            self.template, self.spread = compute_template_and_spread(
+                model, images, device=self.device, progress=progress
+            )
+        else:
+            self.template = compute_template(model, images, device=self.device, progress=progress)
+            self.spread = None
 
     def _prepare_all(
         self, arrays: list[np.ndarray], names: list[str], progress: bool
@@ -178,10 +197,10 @@ class Detector:
         devices = [self.device.index if self.device.index is not None else 0] if cuda else []
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
-                self.template = compute_template(model, train_images, device=self.device)
+                self._compute_template(model, train_images, progress=False)
                 return self.evaluate(category).metrics
         finally:
-            self.template = None
+            self.template, self.spread = None, None
             model.train(was_training)
 
     def _checked_tensor(self, images: torch.Tensor) -> torch.Tensor:
@@ -213,7 +232,8 @@ class Detector:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write model, template, config, preprocessing and threshold to one file."""
         model, template = self._ready()
-        return save_checkpoint(path, model, template, info=self.info)
+        extra = {f"{SPREAD_PREFIX}{level}": s for level, s in enumerate(self.spread or [])}
+        return save_checkpoint(path, model, template, info=self.info, extra_tensors=extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Detector:
@@ -224,6 +244,8 @@ class Detector:
         det = cls(checkpoint.config, device=device)
         det.model = checkpoint.model.to(det.device).eval()
         det.template = [t.to(det.device) for t in checkpoint.template]
+        if det.config.scoring == "znorm":
+            det.spread = [s.to(det.device) for s in spread_from_extras(checkpoint, path)]
         det.info = checkpoint.info
         threshold = det.info.get("threshold")
         det.threshold = float(threshold) if threshold is not None else None
@@ -232,6 +254,10 @@ class Detector:
     def _ready(self) -> tuple[PyramidFlow, list[torch.Tensor]]:
         if self.model is None or self.template is None:
             raise RuntimeError("this detector is not trained: call fit() or Detector.load()")
+        if self.config.scoring == "znorm" and self.spread is None:
+            raise RuntimeError(
+                "scoring 'znorm' needs the latent spread of the good images: call fit()"
+            )
         return self.model, self.template
 
     # -- inference ------------------------------------------------------------------------
@@ -241,8 +267,9 @@ class Detector:
         """Maps (N, H, W) at model size and scores (N,) of a normalized batch."""
         model, template = self._ready()
         return anomaly_maps(
-            model, template, images, batch_size=batch_size, device=self.device, progress=progress
-        )
+            model, template, images, spread=self.spread, batch_size=batch_size,
+            device=self.device, progress=progress,
+        )  # fmt: skip
 
     def _checked_batch(self, images: torch.Tensor) -> torch.Tensor:
         model, _ = self._ready()

@@ -31,6 +31,10 @@ _INTEGER_FIELDS = ("levels", "stacks", "channels", "kernel_size", "in_channels",
 _REAL_FIELDS = ("clamp", "holdout_fraction", "threshold_quantile", "lr", "eps",
                 "weight_decay", "grad_clip")  # fmt: skip
 GEOMETRIES = ("resize", "native")
+# "paper": map = mean_c Compose(|z - T|), score = its max (the paper's recipe, bit for bit);
+# "znorm": each latent's residual over the good images' standard deviation of it, the
+# composed map smoothed (Gaussian, sigma 4 px per 256 px), score = its max (docs/method.md).
+SCORINGS = ("paper", "znorm")
 NORMALIZATIONS = ("auto", "imagenet", "dataset", "fixed")
 
 
@@ -93,6 +97,8 @@ class Config:
     # images and flag a pixel / image above this quantile of their scores
     holdout_fraction: float = 0.1
     threshold_quantile: float = 0.99
+    # anomaly map and image score recipe, one of SCORINGS
+    scoring: str = "paper"
     # training
     batch_size: int = 2
     epochs: int = 15
@@ -143,6 +149,7 @@ class Config:
         for name, allowed in (
             ("volume_norm", VOLUME_NORMS), ("memory", MEMORY_MODES),
             ("normalization", NORMALIZATIONS), ("geometry", GEOMETRIES), ("backend", BACKENDS),
+            ("scoring", SCORINGS),
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:

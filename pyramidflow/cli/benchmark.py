@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..benchmark import CategoryJob, benchmark_config, run_categories
+from ..config import SCORINGS
 from ..errors import DataError
 from ..io.datasets import find_categories, open_category
 from ..metrics import REPORTED_METRICS
@@ -37,7 +38,9 @@ def _previous_summary(path: Path, overwrite: bool) -> dict[str, Any]:
     return summary
 
 
-_OVERRIDE_FLAGS = ("epochs", "levels", "stacks", "channels", "kernel_size", "batch_size", "seed")
+_OVERRIDE_FLAGS = (
+    "epochs", "levels", "stacks", "channels", "kernel_size", "batch_size", "seed", "scoring",
+)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print()
+    recipes = sorted({job.config.scoring for job in jobs})
+    print(f"scoring: {', '.join(recipes)}")
     rows = summary["categories"]
     print_table(rows, summary["mean"] if len(rows) > 1 else None)
     print(f"\nwrote {metrics_path} ({summary['seconds']:.0f} s)")
@@ -120,6 +125,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     g.add_argument("--kernel-size", type=positive(int), help="parameter-network kernel k")
     g.add_argument("--batch-size", type=positive(int), help="training batch, >= 2 (paper 2)")
     g.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation")
+    g.add_argument("--scoring", choices=SCORINGS, help="anomaly map recipe (default: paper)")
     p.add_argument(
         "--overwrite", action="store_true", help="retrain and replace models already in --out"
     )

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import BACKENDS, MEMORY_MODES, MVTEC_CATEGORIES, VOLUME_NORMS, Config
+from ..config import BACKENDS, MEMORY_MODES, MVTEC_CATEGORIES, SCORINGS, VOLUME_NORMS, Config
 from ..errors import PyramidFlowError
 from ..metrics import REPORTED_METRICS
 
@@ -63,6 +63,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="recompute: activation memory constant in depth (default); store: plain autograd",
     )
     g.add_argument(
+        "--scoring",
+        choices=SCORINGS,
+        help="anomaly map recipe: paper (|z - T|, the paper's) or znorm (residuals over the "
+        "good images' spread, smoothed); docs/method.md section 8",
+    )
+    g.add_argument(
         "--backend",
         choices=BACKENDS,
         help="op implementation; auto = Triton on CUDA, torch otherwise",
@@ -71,7 +77,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 FIELD_FLAGS = (
     "levels", "stacks", "channels", "kernel_size", "volume_norm", "epochs", "batch_size", "lr",
-    "augment", "seed", "memory", "backend",
+    "augment", "seed", "memory", "backend", "scoring",
 )  # fmt: skip
 
 

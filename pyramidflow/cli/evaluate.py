@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
             name = str(folder)
         rows[name] = evaluation.metrics
     mean = mean_metrics(rows)
+    print(f"scoring: {detector.config.scoring}")
     print_table(rows, mean if len(rows) > 1 else None)
     if args.json is not None:
-        summary = json_safe({"categories": rows, "mean": mean})
+        summary = json_safe({"scoring": detector.config.scoring, "categories": rows, "mean": mean})
         atomic_write_text(args.json, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return 0

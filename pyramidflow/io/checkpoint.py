@@ -30,6 +30,8 @@ FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 TEMPLATE_PREFIX = "template."
 EXTRA_PREFIX = "extra."
+#: Extra tensors holding the znorm scoring recipe's spread, one per level.
+SPREAD_PREFIX = "latent_spread."
 
 
 class CheckpointError(PyramidFlowError, ValueError):
@@ -220,3 +222,26 @@ def load_checkpoint(
     return Checkpoint(
         model=model, template=template, info=info, extra_tensors=extras, config=model.config
     )
+
+
+def spread_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> list[torch.Tensor]:
+    """The ``znorm`` scoring recipe's spread (the good images' standard deviation of every
+    latent element) from a checkpoint's extra tensors, checked against the template."""
+    if checkpoint.template is None:
+        raise CheckpointError(f"{path}: checkpoint has no latent template; train it first")
+    spread = []
+    for level, mean in enumerate(checkpoint.template):
+        tensor = checkpoint.extra_tensors.get(f"{SPREAD_PREFIX}{level}")
+        if tensor is None:
+            raise CheckpointError(
+                f"{path}: scoring 'znorm' needs {SPREAD_PREFIX}{level}, which the file lacks; "
+                "retrain, or set the config's scoring to 'paper'"
+            )
+        usable = bool(torch.isfinite(tensor).all() & (tensor > 0).all())
+        if tensor.shape != mean.shape or not usable:
+            raise CheckpointError(
+                f"{path}: {SPREAD_PREFIX}{level} must be positive and finite with the template's "
+                f"shape {tuple(mean.shape)}"
+            )
+        spread.append(tensor)
+    return spread

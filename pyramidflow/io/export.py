@@ -28,7 +28,8 @@ from torch import nn
 from ..config import Config
 from ..errors import PyramidFlowError
 from ..model.flow import PyramidFlow
-from .checkpoint import CheckpointError, load_checkpoint
+from ..model.scoring import gaussian_blur, smoothing_sigma
+from .checkpoint import CheckpointError, load_checkpoint, spread_from_extras
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18
@@ -51,7 +52,12 @@ class AnomalyGraph(nn.Module):
     buffers, so that tracing sees no autograd branch, no Triton call and no state update.
     """
 
-    def __init__(self, model: PyramidFlow, template: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: PyramidFlow,
+        template: Sequence[torch.Tensor],
+        spread: Sequence[torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         config = model.config
         if len(template) != config.levels:
@@ -59,9 +65,17 @@ class AnomalyGraph(nn.Module):
         self.model = copy.deepcopy(model).float().cpu().eval().requires_grad_(False)
         self.model.set_backend("torch")
         self.levels = config.levels
-        for level, tensor in enumerate(template):
-            tensor = tensor.detach().float().cpu()
-            self.register_buffer(f"template_{level}", tensor.reshape(1, *tensor.shape[-3:]))
+        # znorm scoring: latents and template divided by the spread, the map smoothed
+        self.normalized = spread is not None
+        self.sigma = smoothing_sigma(config.image_size[0]) if self.normalized else 0.0
+        scales = [None] * self.levels if spread is None else [1.0 / s for s in spread]
+        for level, (tensor, scale) in enumerate(zip(template, scales, strict=True)):
+            tensor = tensor.detach().float().cpu().reshape(1, *tensor.shape[-3:])
+            if scale is not None:
+                scale = scale.detach().float().cpu().reshape(tensor.shape)
+                self.register_buffer(f"scale_{level}", scale)
+                tensor = tensor * scale
+            self.register_buffer(f"template_{level}", tensor)
         self.eval()
 
     def template(self) -> list[torch.Tensor]:
@@ -71,7 +85,12 @@ class AnomalyGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps (B, H, W) and image scores (B,) of a normalized batch."""
         latents = self.model(images)
-        return self.model.anomaly_map(latents, self.template())
+        if not self.normalized:
+            return self.model.anomaly_map(latents, self.template())
+        latents = [z * getattr(self, f"scale_{level}") for level, z in enumerate(latents)]
+        maps, _ = self.model.anomaly_map(latents, self.template())
+        maps = gaussian_blur(maps, self.sigma)
+        return maps, maps.flatten(1).amax(1)
 
     def example_input(self, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
         """A zero batch of the model's input shape, for tracing."""
@@ -117,6 +136,7 @@ def export_program(
     *,
     dynamic_batch: bool = True,
     info: dict[str, Any] | None = None,
+    spread: Sequence[torch.Tensor] | None = None,
 ) -> Path:
     """Write the inference graph as a ``torch.export`` program (``.pt2``).
 
@@ -125,7 +145,7 @@ def export_program(
     file ``pyramidflow.json`` (``torch.export.load(path, extra_files={...})``).
     """
     path = _prepare_output(path)
-    graph = AnomalyGraph(model, template)
+    graph = AnomalyGraph(model, template, spread)
     batch = EXAMPLE_BATCH if dynamic_batch else 1
     with torch.no_grad():
         program = torch.export.export(
@@ -144,6 +164,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     info: dict[str, Any] | None = None,
+    spread: Sequence[torch.Tensor] | None = None,
 ) -> Path:
     """Write the inference graph as one ONNX file (input ``images``, outputs
     ``anomaly_map`` and ``score``; batch dimension named ``batch`` when dynamic).
@@ -153,7 +174,7 @@ def export_onnx(
     JSON string ``metadata_props["pyramidflow"]``.
     """
     path = _prepare_output(path)
-    graph = AnomalyGraph(model, template)
+    graph = AnomalyGraph(model, template, spread)
     batch = EXAMPLE_BATCH if dynamic_batch else 1
     try:
         with torch.no_grad():
@@ -197,14 +218,17 @@ def export_checkpoint(
         raise CheckpointError(
             f"{checkpoint_path}: checkpoint has no latent template; train it first"
         )
+    spread = None
+    if checkpoint.config.scoring == "znorm":
+        spread = spread_from_extras(checkpoint, checkpoint_path)
     if fmt == "onnx":
         return export_onnx(
             checkpoint.model, checkpoint.template, out_path, opset=opset,
-            dynamic_batch=dynamic_batch, info=checkpoint.info,
+            dynamic_batch=dynamic_batch, info=checkpoint.info, spread=spread,
         )  # fmt: skip
     return export_program(
         checkpoint.model, checkpoint.template, out_path, dynamic_batch=dynamic_batch,
-        info=checkpoint.info,
+        info=checkpoint.info, spread=spread,
     )  # fmt: skip
 
 

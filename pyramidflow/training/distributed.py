@@ -2,10 +2,10 @@
 
 Usage, one process per device (``torchrun --nproc_per_node N train.py``)::
 
-    from pyramidflow import distributed, engine
+    from pyramidflow.training import distributed, loop, template
     device = distributed.init_from_env()          # gloo on CPU, nccl on CUDA
-    engine.train(model, images, config, device=device, checkpoint_path="state.safetensors")
-    template = engine.compute_template(model, images, device=device)
+    loop.train(model, images, config, device=device, checkpoint_path="state.safetensors")
+    mean = template.compute_template(model, images, device=device)
     distributed.shutdown()
 
 Every rank holds the full (normalized) training tensor. ``config.batch_size`` is the

@@ -1,0 +1,279 @@
+"""Scoring recipes side by side on the accuracy suite (``bench/accuracy_data.py``).
+
+For every category and seed: one model trained on the good images with the paper's
+training recipe (``pyramidflow.Detector``; augmentation for the textures, as the paper
+does for MVTec textures), then every scoring recipe applied to the same latents:
+
+- ``paper``: map = mean_c Compose(|z - T|), score = max of the map (method section 8);
+- ``paper+blur``: the same map smoothed by a Gaussian (sigma = 4 px at 256 px, scaled with
+  the size), score = max of the smoothed map;
+- ``znorm+blur``: each level's residual divided by the good images' standard deviation of
+  that latent element, |z - T| / s (per level, channel and pixel), composed, smoothed;
+- ``znorm-pooled+blur``: the same with s pooled over positions (per level and channel),
+  for stationary textures;
+- ``znorm+blur+top1%``: ``znorm+blur`` with the image score the mean of the top 1 % pixels.
+
+T and s come from the good training images only. Also: a trivial baseline that needs no
+model (per-pixel mean and standard deviation of the raw pixels over the good training
+images, map = mean over colours of |x - mean| / std, smoothed like the others), and the
+recipe a label-free rule picks per category: synthetic defects (a noise blob, a patch
+cut from elsewhere in the same image, a line) pasted into the held-out good images, the
+recipe with the best mean of pixel and image AUROC on them; the report says how often
+that pick is the recipe that is best on the real test labels.
+
+Writes ``accuracy_suite.json`` and ``.md`` under ``--out``.
+
+Run: ``python bench/accuracy_suite.py --size 64 --seeds 0 1 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accuracy_data import CATEGORIES, write_category
+from checkout import ensure_kernels_importable, run_metadata
+
+ensure_kernels_importable()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pyramidflow import Config, Detector  # noqa: E402
+from pyramidflow.io.datasets import open_category  # noqa: E402
+from pyramidflow.io.images import read_mask  # noqa: E402
+from pyramidflow.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
+from pyramidflow.model.scoring import gaussian_blur  # noqa: E402
+from pyramidflow.preprocess import load_stack, model_mask  # noqa: E402
+
+RECIPES = ("paper", "paper+blur", "znorm+blur", "znorm-pooled+blur", "znorm+blur+top1%")
+TEXTURES = ("fractal", "pebbles", "fibres")
+
+
+@torch.no_grad()
+def latents_of(detector: Detector, images: torch.Tensor) -> list[torch.Tensor]:
+    model = detector.model.eval()
+    parts = [model(images[i : i + 8]) for i in range(0, images.shape[0], 8)]
+    return [torch.cat(level) for level in zip(*parts, strict=True)]
+
+
+def spread(latents: list[torch.Tensor], pooled: bool) -> list[torch.Tensor]:
+    """Standard deviation of every latent element over the good images (floored)."""
+    out = []
+    for z in latents:
+        z = z.double()
+        var = z.var(dim=(0, 2, 3) if pooled else 0, keepdim=pooled)
+        if pooled:
+            var = var[0]
+        floor = 1e-3 * var.mean()
+        out.append((var + floor).sqrt().float())
+    return out
+
+
+def recipe_maps(
+    detector: Detector,
+    latents: list[torch.Tensor],
+    recipe: str,
+    stats: dict[str, list[torch.Tensor]],
+    sigma: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps (N, H, W), scores (N,)) of one recipe."""
+    template = detector.template
+    if recipe.startswith("znorm"):
+        scale = stats["pooled" if "pooled" in recipe else "pixel"]
+        latents = [z / s for z, s in zip(latents, scale, strict=True)]
+        template = [t / s for t, s in zip(template, scale, strict=True)]
+    maps, scores = detector.model.anomaly_map(latents, template)
+    if "blur" in recipe:
+        maps = gaussian_blur(maps, sigma)
+        scores = maps.flatten(1).amax(1)
+    if recipe.endswith("top1%"):
+        flat = maps.flatten(1)
+        k = max(1, flat.shape[1] // 100)
+        scores = flat.topk(k, dim=1).values.mean(1)
+    return maps, scores
+
+
+def baseline_maps(
+    train: torch.Tensor, test: torch.Tensor, sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train.mean(0), train.std(0) + 1e-3
+    maps = gaussian_blur(((test - mean) / std).abs().mean(1), sigma)
+    return maps, maps.flatten(1).amax(1)
+
+
+def metrics(maps: torch.Tensor, scores: torch.Tensor, masks: np.ndarray) -> dict[str, float]:
+    labels = masks.reshape(masks.shape[0], -1).any(1)
+    maps_np = maps.numpy()
+    return {
+        "pixel_auroc": pixel_auroc(maps_np, masks),
+        "image_auroc": image_auroc(scores.numpy(), labels),
+        "aupro": aupro(maps_np, masks),
+    }
+
+
+def synthetic_defects(
+    images: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Held-out good images, each once as it is and once with each label-free synthetic
+    defect (a noise blob, a patch cut from elsewhere in the same image and mirrored, a
+    line), with their masks."""
+    n, _, size, _ = images.shape
+    yy, xx = np.mgrid[0:size, 0:size]
+    out, masks = [images], [np.zeros((n, size, size), bool)]
+    for kind in range(3):
+        copies, copy_masks = images.clone(), np.zeros((n, size, size), bool)
+        for i in range(n):
+            cy, cx = rng.uniform(0.2, 0.8, 2) * size
+            if kind == 0:
+                mask = np.hypot(yy - cy, xx - cx) < rng.uniform(0.04, 0.08) * size
+                noise = torch.from_numpy(rng.normal(0, 1.0, (3, size, size))).float()
+                copies[i] = torch.where(torch.from_numpy(mask), images[i] + noise, images[i])
+            elif kind == 1:
+                side = max(2, int(rng.uniform(0.1, 0.18) * size))
+                y0, x0 = (int(np.clip(c - side / 2, 0, size - side)) for c in (cy, cx))
+                sy, sx = rng.integers(0, size - side, 2)
+                patch = images[i, :, sy : sy + side, sx : sx + side].flip(-1)
+                copies[i, :, y0 : y0 + side, x0 : x0 + side] = patch
+                mask = np.zeros((size, size), bool)
+                mask[y0 : y0 + side, x0 : x0 + side] = True
+            else:
+                angle = rng.uniform(0, np.pi)
+                across = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+                along = np.abs((yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle))
+                mask = (across < 1.0) & (along < 0.2 * size)
+                shift = float(rng.choice([-2.0, 2.0]))
+                copies[i] = torch.where(torch.from_numpy(mask), images[i] + shift, images[i])
+            copy_masks[i] = mask
+        out.append(copies)
+        masks.append(copy_masks)
+    return torch.cat(out), np.concatenate(masks)
+
+
+def run_category(folder: Path, category: str, seed: int, args: argparse.Namespace) -> dict:
+    config = Config(
+        image_size=args.size, epochs=args.epochs, seed=seed, augment=category in TEXTURES,
+        levels=args.levels, stacks=args.stacks, channels=args.channels,
+        kernel_size=args.kernel_size,
+    )  # fmt: skip
+    start = time.perf_counter()
+    detector = Detector(config).fit(folder)
+    train_seconds = time.perf_counter() - start
+    data = open_category(folder)
+    n = len(data.train)
+    fit_part, held_out = detector._split(n)
+    config = detector.model.config
+    train_images = load_stack([data.train[i] for i in fit_part], config)
+    held_images = load_stack([data.train[i] for i in held_out], config)
+    test_images = load_stack([s.path for s in data.test], config)
+    masks = np.stack([
+        model_mask(read_mask(s.mask_path), config) if s.mask_path else
+        np.zeros(config.image_size, bool)
+        for s in data.test
+    ])  # fmt: skip
+    train_latents = latents_of(detector, train_images)
+    stats = {"pixel": spread(train_latents, False), "pooled": spread(train_latents, True)}
+    sigma = 4.0 * args.size / 256
+    test_latents = latents_of(detector, test_images)
+    rows = {
+        r: metrics(*recipe_maps(detector, test_latents, r, stats, sigma), masks) for r in RECIPES
+    }
+    raw_train = load_stack([data.train[i] for i in fit_part], config)
+    rows["baseline"] = metrics(*baseline_maps(raw_train, test_images, sigma), masks)
+    synthetic, synthetic_masks = synthetic_defects(held_images, np.random.default_rng(seed))
+    synthetic_latents = latents_of(detector, synthetic)
+    picks = {}
+    for r in RECIPES:
+        m = metrics(*recipe_maps(detector, synthetic_latents, r, stats, sigma), synthetic_masks)
+        picks[r] = (m["pixel_auroc"] + m["image_auroc"]) / 2
+    chosen = max(picks, key=picks.get)
+    rows["auto"] = dict(rows[chosen])
+    best_on_test = max(RECIPES, key=lambda r: rows[r]["pixel_auroc"] + rows[r]["image_auroc"])
+    return {
+        "category": category, "seed": seed, "train_seconds": train_seconds, "recipes": rows,
+        "auto_choice": chosen, "auto_is_best_on_test": chosen == best_on_test,
+        "synthetic_scores": picks,
+    }  # fmt: skip
+
+
+def summary(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--train", type=int, default=60, help="good training images")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--stacks", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/pyramidflow-accuracy-suite"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    meta = run_metadata("cpu", argv)
+    results = []
+    for category in args.categories:
+        folder = write_category(args.data / str(args.size), category, size=args.size,
+                                n_train=args.train)  # fmt: skip
+        for seed in args.seeds:
+            results.append(run_category(folder, category, seed, args))
+            row = results[-1]
+            print(category, seed, f"{row['train_seconds']:.0f} s", "auto:", row["auto_choice"],
+                  json.dumps({r: round(m["pixel_auroc"], 3) for r, m in row["recipes"].items()}),
+                  flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "accuracy_suite.json").write_text(
+        json.dumps(
+            {**meta, "args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+            indent=1,
+        )
+        + "\n"  # fmt: skip
+    )
+    names = ("baseline", *RECIPES, "auto")
+    lines = [
+        f"Accuracy suite, {args.size} px, {args.train} good training images, {args.epochs} "
+        f"epochs, L {args.levels} S {args.stacks} C {args.channels} k {args.kernel_size}; "
+        f"mean ± std over seeds {args.seeds}; `{meta['command']}`",
+        "",
+    ]
+    for metric in ("pixel_auroc", "image_auroc", "aupro"):
+        lines += [f"**{metric}**", "", "| category | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]  # fmt: skip
+        for category in [*args.categories, "mean"]:
+            cells = []
+            for name in names:
+                if category == "mean":
+                    values = [
+                        statistics.mean(
+                            r["recipes"][name][metric] for r in results if r["seed"] == s
+                        )
+                        for s in args.seeds
+                    ]
+                else:
+                    values = [r["recipes"][name][metric] for r in results
+                              if r["category"] == category]  # fmt: skip
+                cells.append(summary(values))
+            lines.append(f"| {category} | " + " | ".join(cells) + " |")
+        lines.append("")
+    agree = sum(r["auto_is_best_on_test"] for r in results)
+    picks = ", ".join(f"{r['category']}/{r['seed']}: {r['auto_choice']}" for r in results)
+    lines.append(
+        f"Label-free pick = best recipe on the test labels in {agree} of {len(results)} "
+        f"(category, seed) runs; picks: {picks}"
+    )
+    (args.out / "accuracy_suite.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
