@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -24,13 +25,28 @@ from ._backend import interpreting
 
 NAMESPACE = "pyramidflow"
 
-__all__ = ["NAMESPACE", "acc_dtype", "launch", "register_op", "tile_2d", "tile_1d"]
+__all__ = ["NAMESPACE", "acc_dtype", "device_guard", "launch", "register_op", "tile_2d", "tile_1d"]
+
+
+def device_guard(args: tuple) -> contextlib.AbstractContextManager:
+    """The CUDA device of the first CUDA tensor in ``args`` made current (Triton launches
+    on the current device and its current stream: without this, tensors on cuda:1 would
+    be handed to a kernel running on cuda:0); a no-op for CPU tensors, and where CUDA is
+    not available (fake CUDA tensors traced on a CPU machine launch nothing)."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.device.type == "cuda":
+            if not torch.cuda.is_available():
+                break
+            return torch.cuda.device(arg.device)
+    return contextlib.nullcontext()
 
 
 def launch(kernel: Callable, grid: tuple[int, ...], *args, **constexprs) -> None:
-    """Launch ``kernel[grid](*args, **constexprs)``, through ``wrap_triton`` on a GPU."""
+    """Launch ``kernel[grid](*args, **constexprs)``, through ``wrap_triton`` on a GPU, on
+    the device of its tensors."""
     if not interpreting():
-        torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
+        with device_guard(args):
+            torch.library.wrap_triton(kernel)[grid](*args, **constexprs)
         return
     if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
         raise RuntimeError(

@@ -52,6 +52,13 @@ def _log_scale_and_shift(
     return log_scale, shift, mean
 
 
+def inverse_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """W^-1 in float64, without a host synchronization on CUDA: ``linalg.inv_ex`` skips
+    the singularity check that makes ``linalg.inv`` wait for the device (the 1x1 mixing
+    matrices have |det W| = 1 by construction, so the check cannot fire)."""
+    return torch.linalg.inv_ex(weight.double()).inverse
+
+
 def mix_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Apply a (C_out, C_in) matrix per pixel: (B, C_in, H, W) -> (B, C_out, H, W)."""
     return torch.einsum("oc,bchw->bohw", weight, x)
@@ -89,5 +96,5 @@ def affine_coupling_inverse(
     log_scale, shift, _ = _log_scale_and_shift(
         h, z.shape[-2:], running_mean, volume_norm, training, clamp
     )
-    inverse_weight = torch.linalg.inv(weight.double()).to(weight.dtype)
+    inverse_weight = inverse_matrix(weight).to(weight.dtype)
     return (mix_channels(inverse_weight, z) - shift) * torch.exp(-log_scale)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import acc_dtype, launch, register_op
-from .coupling_reference import SOFT_CLAMP_GAIN, vn_dims
+from .coupling_reference import SOFT_CLAMP_GAIN, inverse_matrix, vn_dims
 
 __all__ = ["affine_coupling", "affine_coupling_inverse"]
 
@@ -406,7 +406,7 @@ def _is_cvn(volume_norm: str) -> bool:
 
 
 def _inverse_weight(weight: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.inv(weight.double()).to(weight.dtype).contiguous()
+    return inverse_matrix(weight).to(weight.dtype).contiguous()
 
 
 def _apply_coupling(
@@ -538,7 +538,7 @@ def _inverse_backward_impl(
         _finish_vn_grad(grad_h, h, gpart, None, geo, cvn, clamp)
     # d(W^-1) = -W^-1 dW W^-1  =>  grad W = -W^-T grad(W^-1) W^-T
     grad_inv = wpart.sum(dim=0).view(geo.cp, geo.channels)[: geo.channels].double()
-    inv_t = torch.linalg.inv(weight.double()).T
+    inv_t = inverse_matrix(weight).T
     grad_w = -(inv_t @ grad_inv @ inv_t)
     return grad_z, grad_h, grad_w.to(weight.dtype)
 
