@@ -446,6 +446,12 @@ def op_tests(settings: Settings, report: dict[str, Any], budget: Budget) -> None
     on_cuda = settings.device.startswith("cuda")
     env = {**os.environ, "TRITON_INTERPRET": "0" if on_cuda else "1"}
     with tempfile.TemporaryDirectory() as folder:
+        # the checkout importable as it is, installed or not (the GPU machine has no
+        # network): pyramidflow from the root, pyramidflow_kernels through a link to kernels/
+        (Path(folder) / "pyramidflow_kernels").symlink_to(ROOT / "kernels")
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (folder, str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
         junit = Path(folder) / "op_tests.xml"
         command = [
             sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",

@@ -65,3 +65,20 @@ def test_tiny_cpu_run_writes_every_section(tmp_path):
     failed = [c for c in report["correctness"] if not c["ok"]]
     assert not failed, failed
     assert "op checks on the device" in done.stdout.strip().splitlines()[-2]
+
+
+def test_shell_entry_point_runs_with_python3_only(tmp_path):
+    """The lent GPU machine has ``python3`` and no ``python``: the shell script must use it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    out = tmp_path / "gpu_check.json"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", str(SCRIPT.with_suffix(".sh")), "--device", "cpu", "--tiny",
+         "--sections", "copy", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    report = json.loads(out.read_text())
+    assert report["device"]["device"] == "cpu" and report["copy"]["bytes_per_s"] > 0
