@@ -49,6 +49,10 @@ from pyramidflow.io.images import read_mask  # noqa: E402
 from pyramidflow.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from pyramidflow.model.scoring import gaussian_blur  # noqa: E402
 from pyramidflow.preprocess import load_stack, model_mask  # noqa: E402
+from pyramidflow.training.template import (  # noqa: E402
+    SPREAD_FLOOR,
+    compute_template_and_spread,
+)
 
 RECIPES = ("paper", "paper+blur", "znorm+blur", "znorm-pooled+blur", "znorm+blur+top1%")
 TEXTURES = ("fractal", "pebbles", "fibres")
@@ -61,16 +65,13 @@ def latents_of(detector: Detector, images: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(level) for level in zip(*parts, strict=True)]
 
 
-def spread(latents: list[torch.Tensor], pooled: bool) -> list[torch.Tensor]:
-    """Standard deviation of every latent element over the good images (floored)."""
+def pooled_spread(latents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Standard deviation of each level's channels over the good images and all positions
+    (floored like the library's per-element spread), shaped (C, 1, 1)."""
     out = []
     for z in latents:
-        z = z.double()
-        var = z.var(dim=(0, 2, 3) if pooled else 0, keepdim=pooled)
-        if pooled:
-            var = var[0]
-        floor = 1e-3 * var.mean()
-        out.append((var + floor).sqrt().float())
+        var = z.double().var(dim=(0, 2, 3))[:, None, None]
+        out.append((var + SPREAD_FLOOR * var.mean()).sqrt().float())
     return out
 
 
@@ -175,15 +176,14 @@ def run_category(folder: Path, category: str, seed: int, args: argparse.Namespac
         np.zeros(config.image_size, bool)
         for s in data.test
     ])  # fmt: skip
-    train_latents = latents_of(detector, train_images)
-    stats = {"pixel": spread(train_latents, False), "pooled": spread(train_latents, True)}
+    _, per_element = compute_template_and_spread(detector.model, train_images)
+    stats = {"pixel": per_element, "pooled": pooled_spread(latents_of(detector, train_images))}
     sigma = 4.0 * args.size / 256
     test_latents = latents_of(detector, test_images)
     rows = {
         r: metrics(*recipe_maps(detector, test_latents, r, stats, sigma), masks) for r in RECIPES
     }
-    raw_train = load_stack([data.train[i] for i in fit_part], config)
-    rows["baseline"] = metrics(*baseline_maps(raw_train, test_images, sigma), masks)
+    rows["baseline"] = metrics(*baseline_maps(train_images, test_images, sigma), masks)
     synthetic, synthetic_masks = synthetic_defects(held_images, np.random.default_rng(seed))
     synthetic_latents = latents_of(detector, synthetic)
     picks = {}

@@ -157,7 +157,6 @@ class Detector:
             "steps": report.steps,
             "epoch_losses": report.epoch_losses,
             "train_seconds": round(report.seconds, 3),
-            "scoring": self.config.scoring,
         }
         if report.start_epoch:
             self.info["resumed_at_epoch"] = report.start_epoch

@@ -55,13 +55,10 @@ def pytest_configure(config: pytest.Config) -> None:
     _TEST_DEVICE["device"] = device
 
 
-def test_device() -> str:
+def op_test_device() -> str:
     """The device of the Triton op tests (``--device``): "cpu" runs the kernels in Triton's
     interpreter, "cuda" compiled."""
     return _TEST_DEVICE["device"]
-
-
-test_device.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, TINY_FLAGS
 from pyramidflow_kernels.testing import relative_error
 from scipy import ndimage
 
@@ -75,7 +75,7 @@ def test_znorm_maps_are_the_normalized_composed_and_smoothed_residuals(znorm, ti
     expected = gaussian_blur(raw, smoothing_sigma(znorm.config.image_size[0]))
     assert relative_error(maps, expected) < 1e-6
     assert torch.equal(scores, maps.flatten(1).amax(1))
-    assert znorm.info["scoring"] == "znorm"
+    assert znorm.config.scoring == "znorm"
 
 
 def test_paper_scoring_is_the_plain_residual_map(tiny_model, tiny_category):
@@ -124,8 +124,6 @@ def test_znorm_export_reproduces_the_detector(znorm, tiny_category, tmp_path):
 
 
 def test_scoring_flag_trains_and_evaluate_names_the_recipe(tiny_category, tmp_path, capsys):
-    from conftest import TINY_FLAGS
-
     data = tmp_path / "disc"
     shutil.copytree(tiny_category, data)
     model = tmp_path / "m.safetensors"

@@ -20,12 +20,12 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
 import pyramidflow_kernels  # noqa: E402
-from conftest import test_device  # noqa: E402
+from conftest import op_test_device  # noqa: E402
 from pyramidflow_kernels import coupling_reference, coupling_triton  # noqa: E402
 from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 TOL = 1e-5
-DEVICE = test_device()
+DEVICE = op_test_device()
 
 
 def make_inputs(channels, batch, stride, volume_norm, seed=0, height=12, width=20):

@@ -15,12 +15,12 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
 import pyramidflow_kernels  # noqa: E402
-from conftest import test_device  # noqa: E402
+from conftest import op_test_device  # noqa: E402
 from pyramidflow_kernels import loss_map_reference, loss_map_triton  # noqa: E402
 from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 TOL = 1e-5
-DEVICE = test_device()  # conftest.py: --device
+DEVICE = op_test_device()  # conftest.py: --device
 
 # (B, C, H, W, levels): B >= 2 for the loss; odd coarse sizes (24x40 at L=4 ends at 3x5)
 SHAPES = [(2, 3, 24, 40, 2), (3, 16, 48, 80, 5), (3, 3, 24, 40, 4)]

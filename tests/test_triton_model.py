@@ -21,14 +21,14 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
-from conftest import test_device  # noqa: E402
+from conftest import op_test_device  # noqa: E402
 from pyramidflow_kernels import ops  # noqa: E402
 from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 from pyramidflow import Config, PyramidFlow  # noqa: E402
 
 TOL = 1e-5
-DEVICE = test_device()  # conftest.py: --device
+DEVICE = op_test_device()  # conftest.py: --device
 SIZE = 32
 
 

@@ -17,12 +17,12 @@ from hypothesis import strategies as st  # noqa: E402
 pytest.importorskip("triton", reason="Triton does not import: the Triton kernels cannot run")
 
 import pyramidflow_kernels  # noqa: E402
-from conftest import test_device  # noqa: E402
+from conftest import op_test_device  # noqa: E402
 from pyramidflow_kernels import pyramid_reference, pyramid_triton  # noqa: E402
 from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 TOL = 1e-5
-DEVICE = test_device()  # conftest.py: --device
+DEVICE = op_test_device()  # conftest.py: --device
 
 # (B, C, H, W, levels): odd coarse sizes on purpose (24x40 at L=4 ends at 3x5)
 SHAPES = [(1, 3, 24, 40, 2), (3, 16, 48, 80, 5), (2, 3, 24, 40, 4)]

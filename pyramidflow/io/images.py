@@ -1,4 +1,4 @@
-"""Images in: file reading, channels, masks and dataset layouts (MVTec AD, BTAD, folders).
+"""Images in: file reading, pixel types, channels and masks (dataset layouts: datasets.py).
 
 Pixel values are read without loss (8-bit, 16-bit PNG and TIFF, float TIFF) and scaled to
 [0, 1] by the range of their type; :mod:`pyramidflow.preprocess` turns them into model

@@ -136,9 +136,7 @@ def float32_gradient_error(
     matched = with_activation_pattern(model, pattern).double()
     _, g64 = _gradients(matched, inputs, "store", objective)
     flips = sum(int((pattern[i] != plain_pattern[i]).sum()) for i in pattern)
-    per_tensor = {
-        name: relative_error([a], [e]) for name, a, e in zip(names, g32, g64, strict=True)
-    }
+    per_tensor = {name: relative_error(a, e) for name, a, e in zip(names, g32, g64, strict=True)}
     return GradientError(
         overall=relative_error(g32, g64),
         per_tensor=per_tensor,
