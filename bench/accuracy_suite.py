@@ -155,15 +155,37 @@ def synthetic_defects(
     return torch.cat(out), np.concatenate(masks)
 
 
+def trained_detector(
+    folder: Path, config: Config, cache: Path | None
+) -> tuple[Detector, float]:
+    """A detector trained on ``folder``; with ``cache``, reused from an earlier run with the
+    same data and settings (the file name holds every setting that changes training)."""
+    key = "-".join(
+        f"{name}{getattr(config, name)}"
+        for name in ("image_size", "epochs", "seed", "augment", "levels", "stacks",
+                     "channels", "kernel_size", "volume_norm", "batch_size", "lr")
+    )  # fmt: skip
+    path = None if cache is None else cache / folder.parent.name / folder.name / f"{key}.safetensors"
+    if path is not None and path.exists():
+        detector = Detector.load(path)
+        return detector, float(detector.info.get("suite_train_seconds", float("nan")))
+    start = time.perf_counter()
+    detector = Detector(config).fit(folder)
+    seconds = time.perf_counter() - start
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        detector.info["suite_train_seconds"] = seconds
+        detector.save(path)
+    return detector, seconds
+
+
 def run_category(folder: Path, category: str, seed: int, args: argparse.Namespace) -> dict:
     config = Config(
         image_size=args.size, epochs=args.epochs, seed=seed, augment=category in TEXTURES,
         levels=args.levels, stacks=args.stacks, channels=args.channels,
         kernel_size=args.kernel_size,
     )  # fmt: skip
-    start = time.perf_counter()
-    detector = Detector(config).fit(folder)
-    train_seconds = time.perf_counter() - start
+    detector, train_seconds = trained_detector(folder, config, args.cache)
     data = open_category(folder)
     n = len(data.train)
     fit_part, held_out = detector._split(n)
@@ -218,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--kernel-size", type=int, default=7)
     parser.add_argument("--data", type=Path, default=Path("/tmp/pyramidflow-accuracy-suite"))
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder to keep trained models in and reuse them from")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     meta = run_metadata("cpu", argv)
