@@ -20,6 +20,7 @@ from anomalib.data import Folder  # noqa: E402
 from anomalib.engine import Engine  # noqa: E402
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Max  # noqa: E402
 from pyramidflow_kernels.testing import relative_error  # noqa: E402
+from test_readme import section_code  # noqa: E402
 
 from pyramidflow import metrics  # noqa: E402
 from pyramidflow.integrations.anomalib import NoTemplateError, Pyramidflow  # noqa: E402
@@ -166,3 +167,29 @@ def test_unfitted_model_says_to_fit_first(fitted: dict, tmp_path: Path) -> None:
 def test_bad_constructor_argument_is_named(argument: str, value: Any) -> None:
     with pytest.raises(ValueError, match=argument):
         Pyramidflow(**{**SMALL, argument: value})
+
+
+def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "Use from anomalib" block, on a small generated MVTec-style category."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = section_code(text, "## Use from anomalib")
+    generate_demo_dataset(
+        tmp_path / "data", categories=["grain"], size=SIZE, n_train=4, n_test_good=2,
+        n_test_defect_per_type=1,
+    )  # fmt: skip
+    faster = {
+        'root="datasets/MVTecAD", category="carpet"': (
+            f'root="{tmp_path / "data"}", category="grain", num_workers=0'
+        ),
+        "levels=8": "levels=2, stacks=1, channels=8, image_size=32",
+        "max_epochs=15": "max_epochs=1, logger=False, enable_progress_bar=False",
+    }
+    for old, new in faster.items():
+        assert old in code, f"README example no longer contains {old!r}"
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    model = namespace["model"]
+    assert isinstance(model, Pyramidflow) and model.model.template_ready
+    assert model.config.scoring == "znorm" and model.config.volume_norm == "SVN"
