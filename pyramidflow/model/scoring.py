@@ -54,6 +54,27 @@ def smoothing_sigma(height: int) -> float:
 
 
 @torch.no_grad()
+def score_latents(
+    model: PyramidFlow,
+    latents: Sequence[torch.Tensor],
+    template: Sequence[torch.Tensor],
+    spread: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anomaly maps (B, H, W) and image scores (B,) of one batch's latents, on their device.
+
+    ``spread``: the good images' standard deviation of every latent element (L tensors
+    like the template): given, the ``znorm`` recipe; None, the paper's."""
+    if spread is None:
+        return model.anomaly_map(latents, template)
+    scale = [1.0 / s for s in spread]
+    latents = [z * k for z, k in zip(latents, scale, strict=True)]
+    template = [t * k for t, k in zip(template, scale, strict=True)]
+    amap, _ = model.anomaly_map(latents, template)
+    amap = gaussian_blur(amap, smoothing_sigma(amap.shape[-2]))
+    return amap, amap.flatten(1).amax(1)
+
+
+@torch.no_grad()
 def anomaly_maps(
     model: PyramidFlow,
     template: list[torch.Tensor],
@@ -64,29 +85,18 @@ def anomaly_maps(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps (N, H, W) at the model's input size and image scores (N,), on the CPU.
-
-    ``spread``: the good images' standard deviation of every latent element (L tensors
-    like the template): given, the ``znorm`` recipe; None, the paper's."""
+    """Anomaly maps (N, H, W) at the model's input size and image scores (N,), on the CPU
+    (:func:`score_latents` batch by batch)."""
     if images.shape[0] == 0:
         return torch.zeros(0, *images.shape[-2:]), torch.zeros(0)
     model.to(device).eval()
     template = [t.to(device) for t in template]
-    scale = None if spread is None else [1.0 / s.to(device) for s in spread]
-    if scale is not None:
-        template = [t * k for t, k in zip(template, scale, strict=True)]
-    sigma = 0.0 if spread is None else smoothing_sigma(images.shape[-2])
+    spread = None if spread is None else [s.to(device) for s in spread]
     maps, scores = [], []
     for part in progress_bar(
         batch_slices(images.shape[0], batch_size), "scoring", enabled=progress
     ):
-        latents = model(images[part].to(device))
-        if scale is not None:
-            latents = [z * k for z, k in zip(latents, scale, strict=True)]
-        amap, score = model.anomaly_map(latents, template)
-        if sigma > 0:
-            amap = gaussian_blur(amap, sigma)
-            score = amap.flatten(1).amax(1)
+        amap, score = score_latents(model, model(images[part].to(device)), template, spread)
         maps.append(amap.float().cpu())
         scores.append(score.float().cpu())
     return torch.cat(maps), torch.cat(scores)

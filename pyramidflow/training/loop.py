@@ -226,7 +226,7 @@ def _epoch_order(run: _Run, epoch: int, start: Position) -> tuple[list[torch.Ten
     return epoch_batches(n, run.global_batch, run.generator), Position(epoch, 0, 0.0, epoch_start)
 
 
-def _check_finite(loss: float, grad_norm: float, epoch: int, step: int) -> None:
+def check_finite(loss: float, grad_norm: float, epoch: int, step: int) -> None:
     """Raise :class:`TrainingError` for a non-finite loss or gradient norm."""
     if not math.isfinite(loss):
         raise TrainingError(
@@ -260,7 +260,7 @@ def _train_step(run: _Run, net: torch.nn.Module, index: torch.Tensor, epoch: int
     norm = torch.nn.utils.clip_grad_norm_(run.params, run.config.grad_clip)
     # the step's one host synchronization: loss and gradient norm together
     value, norm_value = torch.stack([shown.float(), norm.float()]).tolist()
-    _check_finite(value, norm_value, epoch, run.report.steps + 1)
+    check_finite(value, norm_value, epoch, run.report.steps + 1)
     run.optimizer.step()
     return value
 

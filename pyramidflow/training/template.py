@@ -3,8 +3,11 @@ every latent element over them (for the ``znorm`` scoring recipe); all ranks agr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from ..config import Config
 from ..model.flow import PyramidFlow, level_sizes
 from ..model.scoring import batch_slices
 from ..progress import progress_bar
@@ -15,8 +18,62 @@ from . import distributed
 SPREAD_FLOOR = 1e-3
 
 
+class LatentMoments:
+    """Float64 sums of every latent element (and of its square, for the spread) over the
+    batches given to :meth:`add`, and how many images they held; finished by
+    :meth:`template` or :meth:`template_and_spread`. Streams batches from any source (a
+    tensor's slices, a data loader) without keeping the images."""
+
+    def __init__(self, config: Config, *, squares: bool, device: str | torch.device) -> None:
+        sizes = level_sizes(config.image_size, config.levels)
+        self.sums = [
+            torch.zeros(config.channels, h, w, dtype=torch.float64, device=device) for h, w in sizes
+        ]
+        self.sums_sq = [torch.zeros_like(s) for s in self.sums] if squares else None
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add(self, latents: Sequence[torch.Tensor]) -> None:
+        """Accumulate one batch's latents (L tensors (B, C, h_l, w_l))."""
+        for level, z in enumerate(latents):
+            self.sums[level] += z.sum(0, dtype=torch.float64)
+            if self.sums_sq is not None:
+                self.sums_sq[level] += z.double().square().sum(0)
+        self.count += latents[0].shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum the accumulators over the ranks of the process group."""
+        distributed.all_reduce_sum_([*self.sums, *(self.sums_sq or []), self.count])
+
+    def _check_count(self) -> None:
+        if not self.count.item():
+            raise ValueError("the template needs at least one training image")
+
+    def template(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The mean latent, L tensors (C, h_l, w_l) in ``dtype``."""
+        self._check_count()
+        return [(total / self.count).to(dtype) for total in self.sums]
+
+    def template_and_spread(
+        self, dtype: torch.dtype
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The mean latent and the standard deviation of every latent element (population),
+        floored at ``SPREAD_FLOOR`` times its level's mean variance, in ``dtype``."""
+        if self.sums_sq is None:
+            raise ValueError("the spread needs the squares: LatentMoments(..., squares=True)")
+        self._check_count()
+        template, spread = [], []
+        for total, total_sq in zip(self.sums, self.sums_sq, strict=True):
+            mean = total / self.count
+            variance = (total_sq / self.count - mean.square()).clamp_min(0.0)
+            variance = variance + SPREAD_FLOOR * variance.mean()
+            template.append(mean.to(dtype))
+            spread.append(variance.sqrt().to(dtype))
+        return template, spread
+
+
 @torch.no_grad()
-def _latent_sums(
+def _latent_moments(
     model: PyramidFlow,
     images: torch.Tensor,
     *,
@@ -25,9 +82,9 @@ def _latent_sums(
     device: str | torch.device,
     progress: bool,
     data_parallel: bool | None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
-    """Float64 sums (and sums of squares) of every latent element over ``images`` in eval
-    mode, and the image count, all-reduced over the ranks when data-parallel."""
+) -> LatentMoments:
+    """The latent moments of ``images`` in eval mode, all-reduced over the ranks when
+    data-parallel (every rank passes all images and encodes its contiguous share)."""
     if images.shape[0] == 0:
         raise ValueError("the template needs at least one training image")
     if data_parallel is None:
@@ -35,26 +92,13 @@ def _latent_sums(
     model.to(device).eval()
     part_of = distributed.shard(images.shape[0]) if data_parallel else slice(None)
     mine = images[part_of]
-    sizes = level_sizes(model.config.image_size, model.config.levels)
-
-    def zeros() -> list[torch.Tensor]:
-        return [
-            torch.zeros(model.config.channels, h, w, dtype=torch.float64, device=device)
-            for h, w in sizes
-        ]
-
-    sums, sums_sq = zeros(), (zeros() if squares else None)
+    moments = LatentMoments(model.config, squares=squares, device=device)
     show = progress and (not data_parallel or distributed.rank() == 0)
     for part in progress_bar(batch_slices(mine.shape[0], batch_size), "template", enabled=show):
-        latents = model(mine[part].to(device))
-        for level, z in enumerate(latents):
-            sums[level] += z.sum(0, dtype=torch.float64)
-            if sums_sq is not None:
-                sums_sq[level] += z.double().square().sum(0)
-    count = torch.tensor([float(mine.shape[0])], dtype=torch.float64, device=device)
+        moments.add(model(mine[part].to(device)))
     if data_parallel:
-        distributed.all_reduce_sum_([*sums, *(sums_sq or []), count])
-    return sums, sums_sq, count
+        moments.all_reduce()
+    return moments
 
 
 def compute_template(
@@ -72,11 +116,10 @@ def compute_template(
     ``data_parallel`` (default: whether a process group of > 1 process is initialized): every
     rank passes all images, encodes its contiguous share and the float64 sums and counts
     are all-reduced, so every rank returns the same template."""
-    sums, _, count = _latent_sums(
+    return _latent_moments(
         model, images, squares=False, batch_size=batch_size, device=device,
         progress=progress, data_parallel=data_parallel,
-    )  # fmt: skip
-    return [(total / count).to(images.dtype) for total in sums]
+    ).template(images.dtype)  # fmt: skip
 
 
 def compute_template_and_spread(
@@ -91,15 +134,7 @@ def compute_template_and_spread(
     """The template (equal to :func:`compute_template`'s, bit for bit) and the standard
     deviation of every latent element over the images (population, float64 sums),
     floored at ``SPREAD_FLOOR`` times its level's mean variance."""
-    sums, sums_sq, count = _latent_sums(
+    return _latent_moments(
         model, images, squares=True, batch_size=batch_size, device=device,
         progress=progress, data_parallel=data_parallel,
-    )  # fmt: skip
-    template, spread = [], []
-    for total, total_sq in zip(sums, sums_sq or [], strict=True):
-        mean = total / count
-        variance = (total_sq / count - mean.square()).clamp_min(0.0)
-        variance = variance + SPREAD_FLOOR * variance.mean()
-        template.append(mean.to(images.dtype))
-        spread.append(variance.sqrt().to(images.dtype))
-    return template, spread
+    ).template_and_spread(images.dtype)  # fmt: skip
