@@ -155,9 +155,7 @@ def synthetic_defects(
     return torch.cat(out), np.concatenate(masks)
 
 
-def trained_detector(
-    folder: Path, config: Config, cache: Path | None
-) -> tuple[Detector, float]:
+def trained_detector(folder: Path, config: Config, cache: Path | None) -> tuple[Detector, float]:
     """A detector trained on ``folder``; with ``cache``, reused from an earlier run with the
     same data and settings (the file name holds every setting that changes training)."""
     key = "-".join(
@@ -165,7 +163,9 @@ def trained_detector(
         for name in ("image_size", "epochs", "seed", "augment", "levels", "stacks",
                      "channels", "kernel_size", "volume_norm", "batch_size", "lr")
     )  # fmt: skip
-    path = None if cache is None else cache / folder.parent.name / folder.name / f"{key}.safetensors"
+    path = None
+    if cache is not None:
+        path = cache / folder.parent.name / folder.name / f"{key}.safetensors"
     if path is not None and path.exists():
         detector = Detector.load(path)
         return detector, float(detector.info.get("suite_train_seconds", float("nan")))
