@@ -225,8 +225,11 @@ def _coupling_scenarios(
     )
 
 
-def record_launches(modules: dict[str, Any], all_modes: bool = False) -> list[dict[str, Any]]:
-    """Every kernel launch of every scenario at every shape (nothing runs)."""
+def record_launches(
+    modules: dict[str, Any], all_modes: bool = False, shapes: dict[str, Shape] | None = None
+) -> list[dict[str, Any]]:
+    """Every kernel launch of every scenario at every shape (``SHAPES`` by default), with
+    the tile sizes of the current mode (GPU unless interpreting); nothing runs."""
     records: list[dict[str, Any]] = []
     context: dict[str, str] = {}
 
@@ -240,7 +243,7 @@ def record_launches(modules: dict[str, Any], all_modes: bool = False) -> list[di
     try:
         for module in modules.values():
             module.launch = recorder
-        for shape_name, shape in SHAPES.items():
+        for shape_name, shape in (SHAPES if shapes is None else shapes).items():
             for label, call in _scenarios(modules, shape, all_modes):
                 context.update(shape=shape_name, scenario=label)
                 call()
