@@ -151,6 +151,7 @@ def _scenarios(
 
     pyramid = [level(i) for i in range(levels)]
     yield "pyramid_decompose", lambda: pt.pyramid_decompose(level(0), levels)
+    yield "pyramid_decompose backward", lambda: pt.window_launch(level(0), pt.MODE_ROUTE, level(1))
     yield "pyramid_compose", lambda: pt.pyramid_compose(pyramid)
     yield "pyramid_compose backward", lambda: pt.window_launch(level(0), pt.MODE_UP_ADJOINT)
     yield "pyramid up_adjoint backward", lambda: pt.up_launch(level(1), None)
@@ -256,7 +257,7 @@ def record_launches(
 def variant(kernel_name: str, constexprs: dict[str, Any]) -> str:
     """The ``byte_model.KERNELS`` key of a launch (a kernel in one mode)."""
     if kernel_name == "_window_kernel":
-        return "down" if constexprs["MODE"] == 0 else "up_adjoint"
+        return ("down", "up_adjoint", "down_route")[constexprs["MODE"]]
     if kernel_name == "_up_kernel":
         if constexprs["WRITE_MAX"]:
             return "up_max"

@@ -78,6 +78,7 @@ def test_vector_widths_and_problems_on_synthetic_input():
 def test_every_kernel_mode_has_a_byte_model_entry():
     assert build_check.variant("_window_kernel", {"MODE": 0}) == "down"
     assert build_check.variant("_window_kernel", {"MODE": 1}) == "up_adjoint"
+    assert build_check.variant("_window_kernel", {"MODE": 2}) == "down_route"
     up = {"WRITE_MAX": False, "HAS_FINE": True, "SIGN": -1.0}
     assert build_check.variant("_up_kernel", up) == "band"
     assert build_check.variant("_up_kernel", {**up, "SIGN": 1.0}) == "up_add"
