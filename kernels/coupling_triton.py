@@ -95,8 +95,8 @@ def _vn_sum_kernel(
     q = tile * BLOCK + tl.arange(0, BLOCK)
     ch = tl.arange(0, CP)
     mask = (ch[:, None] < C) & (q[None, :] < HWP)
-    offs = (b * (2 * C) + ch[:, None]) * HWP + q[None, :]
-    s_raw = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+    s_rows = h_ptr + (b * (2 * C) + ch[:, None]) * HWP  # int64: 2C HWP passes 2^31
+    s_raw = tl.load(s_rows + q[None, :], mask=mask, other=0.0).to(ACC)
     s = tl.where(mask, _soft_clamp(s_raw, clamp, GAIN), 0.0)
     if CVN:
         tl.store(part_ptr + b * HWP + q, tl.sum(s, axis=0), mask=q < HWP)
@@ -115,9 +115,11 @@ def _load_log_scale_shift(
     of image b (int64)."""
     q = _param_offsets(p, W, WP, KH, KW)
     mask = (ch[:, None] < C) & (p[None, :] < HW)
-    s_row = b * (2 * C) + ch[:, None]  # int64: (2C) * HWP passes 2^31 at C = 64, 8192 px
-    s_raw = tl.load(h_ptr + s_row * HWP + q[None, :], mask=mask, other=0.0).to(ACC)
-    shift = tl.load(h_ptr + (s_row + C) * HWP + q[None, :], mask=mask, other=0.0).to(ACC)
+    # plane starts in int64 ([CP, 1] columns: 2C HWP passes 2^31 at C = 64, 8192 px)
+    s_rows = h_ptr + (b * (2 * C) + ch[:, None]) * HWP
+    t_rows = h_ptr + (b * (2 * C) + C + ch[:, None]) * HWP
+    s_raw = tl.load(s_rows + q[None, :], mask=mask, other=0.0).to(ACC)
+    shift = tl.load(t_rows + q[None, :], mask=mask, other=0.0).to(ACC)
     if CVN:
         mean = tl.load(mean_ptr + q, mask=p < HW, other=0.0).to(ACC)[None, :]
     else:
@@ -152,7 +154,7 @@ def _coupling_fwd_kernel(
         y_c = tl.exp(_soft_clamp(s_raw, clamp, GAIN) - mean) * x_c + t_c
         w_col = tl.load(w_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
         z += w_col[:, None] * y_c[None, :]
-    out = z_ptr + (b * C + ch[:, None]) * HW + p[None, :]
+    out = z_ptr + (b * C + ch[:, None]) * HW + p[None, :]  # int64 [CP, 1], then + p
     tl.store(out, z.to(z_ptr.dtype.element_ty), mask=(ch[:, None] < C) & pm[None, :])
 
 
@@ -166,14 +168,14 @@ def _store_h_grads(
     the raw g_s plus per-program sums of it for the VN batch-mean correction (b: int64)."""
     q = _param_offsets(p, W, WP, KH, KW)
     mask = (ch[:, None] < C) & (p[None, :] < HW)
-    s_row = b * (2 * C) + ch[:, None]
-    s_offs = s_row * HWP + q[None, :]
+    s_ptrs = gh_ptr + (b * (2 * C) + ch[:, None]) * HWP + q[None, :]
+    t_ptrs = gh_ptr + (b * (2 * C) + C + ch[:, None]) * HWP + q[None, :]
     ty = gh_ptr.dtype.element_ty
-    tl.store(gh_ptr + (s_row + C) * HWP + q[None, :], g_t.to(ty), mask=mask)
+    tl.store(t_ptrs, g_t.to(ty), mask=mask)
     if FINAL:
-        tl.store(gh_ptr + s_offs, (g_s * _soft_clamp_grad(s_raw, clamp, GAIN)).to(ty), mask=mask)
+        tl.store(s_ptrs, (g_s * _soft_clamp_grad(s_raw, clamp, GAIN)).to(ty), mask=mask)
     else:
-        tl.store(gh_ptr + s_offs, g_s.to(ty), mask=mask)
+        tl.store(s_ptrs, g_s.to(ty), mask=mask)
         g_s = tl.where(mask, g_s, 0.0)
         if CVN:
             tl.store(gpart_ptr + b * HW + p, tl.sum(g_s, axis=0), mask=p < HW)
@@ -196,8 +198,8 @@ def _coupling_bwd_kernel(
     ch = tl.arange(0, CP)
     pm = p < HW
     mask = (ch[:, None] < C) & pm[None, :]
-    offs = (b * C + ch[:, None]) * HW + p[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    rows = (b * C + ch[:, None]) * HW  # int64 plane starts, [CP, 1]
+    x = tl.load(x_ptr + rows + p[None, :], mask=mask, other=0.0).to(ACC)
     s_raw, log_scale, shift = _load_log_scale_shift(
         h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
     )
@@ -210,7 +212,7 @@ def _coupling_bwd_kernel(
         w_row = tl.load(w_ptr + o * C + ch, mask=ch < C, other=0.0).to(ACC)
         g_y += w_row[:, None] * g_o[None, :]
         tl.store(wrow_base + o * CP + ch, tl.sum(y * g_o[None, :], axis=1))
-    tl.store(gx_ptr + offs, (g_y * scale).to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr + rows + p[None, :], (g_y * scale).to(gx_ptr.dtype.element_ty), mask=mask)
     _store_h_grads(
         gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, g_y * scale * x, g_y, s_raw,
         HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
@@ -224,10 +226,12 @@ def _inverse_mix(
 ):  # fmt: skip
     """y = W^-1 z for a [CP, BLOCK_P] tile of image b (int64), unrolled over input channels."""
     y = tl.zeros([CP, BLOCK_P], dtype=ACC)
+    z_c_ptr = z_ptr + b * C * HW + p  # stepped by HW: C HW passes 2^31 at C = 64, 8192 px
     for c in tl.static_range(C):
-        z_c = tl.load(z_ptr + (b * C + c) * HW + p, mask=p < HW, other=0.0)
+        z_c = tl.load(z_c_ptr, mask=p < HW, other=0.0)
         w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
         y += w_col[:, None] * z_c.to(ACC)[None, :]
+        z_c_ptr += HW
     return y
 
 
@@ -246,8 +250,8 @@ def _coupling_inv_kernel(
         h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
     )
     x = (y - shift) * tl.exp(-log_scale)
-    offs = (b * C + ch[:, None]) * HW + p[None, :]
-    tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=(ch[:, None] < C) & (p < HW)[None, :])
+    out = x_ptr + (b * C + ch[:, None]) * HW + p[None, :]
+    tl.store(out, x.to(x_ptr.dtype.element_ty), mask=(ch[:, None] < C) & (p < HW)[None, :])
 
 
 @triton.jit
@@ -271,17 +275,18 @@ def _coupling_inv_bwd_kernel(
         h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
     )
     inv_scale = tl.exp(-log_scale)
-    offs = (b * C + ch[:, None]) * HW + p[None, :]
-    g_x = tl.load(gx_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g_x = tl.load(gx_ptr + (b * C + ch[:, None]) * HW + p[None, :], mask=mask, other=0.0)
+    g_x = g_x.to(ACC)
     g_u = g_x * inv_scale
     col_base = wpart_ptr + ((b * n_tiles + tile) * CP) * C
+    z_offs = b * C * HW + p  # stepped by HW
     for c in tl.static_range(C):
-        plane = (b * C + c) * HW
-        z_c = tl.load(z_ptr + plane + p, mask=pm, other=0.0)
+        z_c = tl.load(z_ptr + z_offs, mask=pm, other=0.0)
         w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
         g_z = tl.sum(w_col[:, None] * g_u, axis=0)
-        tl.store(gz_ptr + plane + p, g_z.to(gz_ptr.dtype.element_ty), mask=pm)
+        tl.store(gz_ptr + z_offs, g_z.to(gz_ptr.dtype.element_ty), mask=pm)
         tl.store(col_base + ch * C + c, tl.sum(g_u * z_c.to(ACC)[None, :], axis=1))
+        z_offs += HW
     _store_h_grads(
         gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, -g_u * (u - shift), -g_u, s_raw,
         HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
@@ -301,15 +306,15 @@ def _vn_grad_kernel(
     q = tile * BLOCK + tl.arange(0, BLOCK)
     ch = tl.arange(0, CP)
     mask = (ch[:, None] < C) & (q[None, :] < HWP)
-    offs = (b * (2 * C) + ch[:, None]) * HWP + q[None, :]
-    g_s = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
-    s_raw = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+    rows = (b * (2 * C) + ch[:, None]) * HWP
+    g_s = tl.load(gh_ptr + rows + q[None, :], mask=mask, other=0.0).to(ACC)
+    s_raw = tl.load(h_ptr + rows + q[None, :], mask=mask, other=0.0).to(ACC)
     if CVN:
         corr = tl.load(corr_ptr + q, mask=q < HWP, other=0.0).to(ACC)[None, :]
     else:
         corr = tl.load(corr_ptr + ch, mask=ch < C, other=0.0).to(ACC)[:, None]
     g = (g_s - corr) * _soft_clamp_grad(s_raw, clamp, GAIN)
-    tl.store(gh_ptr + offs, g.to(gh_ptr.dtype.element_ty), mask=mask)
+    tl.store(gh_ptr + rows + q[None, :], g.to(gh_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
