@@ -20,8 +20,8 @@ Op counts (``op_bytes``; the Triton path, each tensor read once and written once
 re-reads assumed to hit the cache):
 
 - ``pyramid_decompose`` forward: per level, down reads g and writes g/4; the band reads
-  g and g/4 and writes the band: 3.5 A S. Backward (torch, through the max-pool
-  argmax): counted at the same 3.5 A S floor.
+  g and g/4 and writes the band: 3.5 A S. Backward (the max-pool routing kernel, then
+  the blur in torch): counted at the same 3.5 A S floor.
 - ``pyramid_compose`` forward: read the coarse level (1/4) and the band, write the
   result: 2.25 A S. Backward (the adjoint): read a level's gradient, write the coarser
   one: 1.25 A S.
@@ -180,6 +180,10 @@ KERNELS: dict[str, KernelInfo] = {
     "down": KernelInfo(
         "_window_kernel", "pyramid_decompose", "5x5 blur + 2x2 max-pool",
         lambda s: 1.25 * _planes(s), "read A, write A/4",
+    ),
+    "down_route": KernelInfo(
+        "_window_kernel", "pyramid_decompose backward", "blur + max-pool argmax + routing",
+        lambda s: 2.25 * _planes(s), "read A and grad A/4, write A",
     ),
     "band": KernelInfo(
         "_up_kernel", "pyramid_decompose", "2x upsample + blur + subtract",

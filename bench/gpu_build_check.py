@@ -151,6 +151,7 @@ def _scenarios(
 
     pyramid = [level(i) for i in range(levels)]
     yield "pyramid_decompose", lambda: pt.pyramid_decompose(level(0), levels)
+    yield "pyramid_decompose backward", lambda: pt.window_launch(level(0), pt.MODE_ROUTE, level(1))
     yield "pyramid_compose", lambda: pt.pyramid_compose(pyramid)
     yield "pyramid_compose backward", lambda: pt.window_launch(level(0), pt.MODE_UP_ADJOINT)
     yield "pyramid up_adjoint backward", lambda: pt.up_launch(level(1), None)
@@ -225,8 +226,11 @@ def _coupling_scenarios(
     )
 
 
-def record_launches(modules: dict[str, Any], all_modes: bool = False) -> list[dict[str, Any]]:
-    """Every kernel launch of every scenario at every shape (nothing runs)."""
+def record_launches(
+    modules: dict[str, Any], all_modes: bool = False, shapes: dict[str, Shape] | None = None
+) -> list[dict[str, Any]]:
+    """Every kernel launch of every scenario at every shape (``SHAPES`` by default), with
+    the tile sizes of the current mode (GPU unless interpreting); nothing runs."""
     records: list[dict[str, Any]] = []
     context: dict[str, str] = {}
 
@@ -240,7 +244,7 @@ def record_launches(modules: dict[str, Any], all_modes: bool = False) -> list[di
     try:
         for module in modules.values():
             module.launch = recorder
-        for shape_name, shape in SHAPES.items():
+        for shape_name, shape in (SHAPES if shapes is None else shapes).items():
             for label, call in _scenarios(modules, shape, all_modes):
                 context.update(shape=shape_name, scenario=label)
                 call()
@@ -253,7 +257,7 @@ def record_launches(modules: dict[str, Any], all_modes: bool = False) -> list[di
 def variant(kernel_name: str, constexprs: dict[str, Any]) -> str:
     """The ``byte_model.KERNELS`` key of a launch (a kernel in one mode)."""
     if kernel_name == "_window_kernel":
-        return "down" if constexprs["MODE"] == 0 else "up_adjoint"
+        return ("down", "up_adjoint", "down_route")[constexprs["MODE"]]
     if kernel_name == "_up_kernel":
         if constexprs["WRITE_MAX"]:
             return "up_max"

@@ -91,17 +91,17 @@ def _vn_sum_kernel(
     CVN: over channels, per pixel -> part[b, q]. SVN: over pixels, per channel ->
     part[b * n_tiles + tile, c]."""
     tile = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     q = tile * BLOCK + tl.arange(0, BLOCK)
     ch = tl.arange(0, CP)
     mask = (ch[:, None] < C) & (q[None, :] < HWP)
-    base = h_ptr + b.to(tl.int64) * (2 * C) * HWP
-    s_raw = tl.load(base + ch[:, None] * HWP + q[None, :], mask=mask, other=0.0).to(ACC)
+    s_rows = h_ptr + (b * (2 * C) + ch[:, None]) * HWP  # int64: 2C HWP passes 2^31
+    s_raw = tl.load(s_rows + q[None, :], mask=mask, other=0.0).to(ACC)
     s = tl.where(mask, _soft_clamp(s_raw, clamp, GAIN), 0.0)
     if CVN:
-        tl.store(part_ptr + b.to(tl.int64) * HWP + q, tl.sum(s, axis=0), mask=q < HWP)
+        tl.store(part_ptr + b * HWP + q, tl.sum(s, axis=0), mask=q < HWP)
     else:
-        row = (b * n_tiles + tile).to(tl.int64) * CP
+        row = (b * n_tiles + tile) * CP
         tl.store(part_ptr + row + ch, tl.sum(s, axis=1))
 
 
@@ -111,13 +111,15 @@ def _load_log_scale_shift(
     C: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     GAIN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """[CP, BLOCK_P] tiles of s_raw, VN-centred log-scale s and shift t at target pixels p."""
+    """[CP, BLOCK_P] tiles of s_raw, VN-centred log-scale s and shift t at target pixels p
+    of image b (int64)."""
     q = _param_offsets(p, W, WP, KH, KW)
     mask = (ch[:, None] < C) & (p[None, :] < HW)
-    base = h_ptr + b.to(tl.int64) * (2 * C) * HWP
-    offs = ch[:, None] * HWP + q[None, :]
-    s_raw = tl.load(base + offs, mask=mask, other=0.0).to(ACC)
-    shift = tl.load(base + C * HWP + offs, mask=mask, other=0.0).to(ACC)
+    # plane starts in int64 ([CP, 1] columns: 2C HWP passes 2^31 at C = 64, 8192 px)
+    s_rows = h_ptr + (b * (2 * C) + ch[:, None]) * HWP
+    t_rows = h_ptr + (b * (2 * C) + C + ch[:, None]) * HWP
+    s_raw = tl.load(s_rows + q[None, :], mask=mask, other=0.0).to(ACC)
+    shift = tl.load(t_rows + q[None, :], mask=mask, other=0.0).to(ACC)
     if CVN:
         mean = tl.load(mean_ptr + q, mask=p < HW, other=0.0).to(ACC)[None, :]
     else:
@@ -133,20 +135,18 @@ def _coupling_fwd_kernel(
     GAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """z = W (exp(s) x + t) for a tile of pixels of one image, all channels."""
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.arange(0, CP)
     pm = p < HW
     q = _param_offsets(p, W, WP, KH, KW)
-    x_base = x_ptr + b.to(tl.int64) * C * HW
-    h_base = h_ptr + b.to(tl.int64) * (2 * C) * HWP
     if CVN:
         mean_pix = tl.load(mean_ptr + q, mask=pm, other=0.0).to(ACC)
     z = tl.zeros([CP, BLOCK_P], dtype=ACC)
     for c in tl.static_range(C):
-        x_c = tl.load(x_base + c * HW + p, mask=pm, other=0.0).to(ACC)
-        s_raw = tl.load(h_base + c * HWP + q, mask=pm, other=0.0).to(ACC)
-        t_c = tl.load(h_base + (C + c) * HWP + q, mask=pm, other=0.0).to(ACC)
+        x_c = tl.load(x_ptr + (b * C + c) * HW + p, mask=pm, other=0.0).to(ACC)
+        s_raw = tl.load(h_ptr + (b * (2 * C) + c) * HWP + q, mask=pm, other=0.0).to(ACC)
+        t_c = tl.load(h_ptr + (b * (2 * C) + C + c) * HWP + q, mask=pm, other=0.0).to(ACC)
         if CVN:
             mean = mean_pix
         else:
@@ -154,7 +154,7 @@ def _coupling_fwd_kernel(
         y_c = tl.exp(_soft_clamp(s_raw, clamp, GAIN) - mean) * x_c + t_c
         w_col = tl.load(w_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
         z += w_col[:, None] * y_c[None, :]
-    out = z_ptr + b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
+    out = z_ptr + (b * C + ch[:, None]) * HW + p[None, :]  # int64 [CP, 1], then + p
     tl.store(out, z.to(z_ptr.dtype.element_ty), mask=(ch[:, None] < C) & pm[None, :])
 
 
@@ -165,22 +165,22 @@ def _store_h_grads(
     GAIN: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
     """Store grad h at the picked pixels: [g_s * clamp', g_t] when FINAL (eval), else
-    the raw g_s plus per-program sums of it for the VN batch-mean correction."""
+    the raw g_s plus per-program sums of it for the VN batch-mean correction (b: int64)."""
     q = _param_offsets(p, W, WP, KH, KW)
     mask = (ch[:, None] < C) & (p[None, :] < HW)
-    base = gh_ptr + b.to(tl.int64) * (2 * C) * HWP
-    offs = ch[:, None] * HWP + q[None, :]
+    s_ptrs = gh_ptr + (b * (2 * C) + ch[:, None]) * HWP + q[None, :]
+    t_ptrs = gh_ptr + (b * (2 * C) + C + ch[:, None]) * HWP + q[None, :]
     ty = gh_ptr.dtype.element_ty
-    tl.store(base + C * HWP + offs, g_t.to(ty), mask=mask)
+    tl.store(t_ptrs, g_t.to(ty), mask=mask)
     if FINAL:
-        tl.store(base + offs, (g_s * _soft_clamp_grad(s_raw, clamp, GAIN)).to(ty), mask=mask)
+        tl.store(s_ptrs, (g_s * _soft_clamp_grad(s_raw, clamp, GAIN)).to(ty), mask=mask)
     else:
-        tl.store(base + offs, g_s.to(ty), mask=mask)
+        tl.store(s_ptrs, g_s.to(ty), mask=mask)
         g_s = tl.where(mask, g_s, 0.0)
         if CVN:
-            tl.store(gpart_ptr + b.to(tl.int64) * HW + p, tl.sum(g_s, axis=0), mask=p < HW)
+            tl.store(gpart_ptr + b * HW + p, tl.sum(g_s, axis=0), mask=p < HW)
         else:
-            row = (b * n_tiles + tile).to(tl.int64) * CP
+            row = (b * n_tiles + tile) * CP
             tl.store(gpart_ptr + row + ch, tl.sum(g_s, axis=1))
 
 
@@ -193,27 +193,26 @@ def _coupling_bwd_kernel(
 ):  # fmt: skip
     """Grads of the forward coupling for a tile of pixels of one image (y recomputed)."""
     tile = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.arange(0, CP)
     pm = p < HW
     mask = (ch[:, None] < C) & pm[None, :]
-    offs = b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    rows = (b * C + ch[:, None]) * HW  # int64 plane starts, [CP, 1]
+    x = tl.load(x_ptr + rows + p[None, :], mask=mask, other=0.0).to(ACC)
     s_raw, log_scale, shift = _load_log_scale_shift(
         h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
     )
     scale = tl.exp(log_scale)
     y = scale * x + shift
     g_y = tl.zeros([CP, BLOCK_P], dtype=ACC)
-    wrow_base = wpart_ptr + ((b * n_tiles + tile).to(tl.int64) * C) * CP
+    wrow_base = wpart_ptr + ((b * n_tiles + tile) * C) * CP
     for o in tl.static_range(C):
-        g_o = tl.load(gz_ptr + b.to(tl.int64) * C * HW + o * HW + p, mask=pm, other=0.0)
-        g_o = g_o.to(ACC)
+        g_o = tl.load(gz_ptr + (b * C + o) * HW + p, mask=pm, other=0.0).to(ACC)
         w_row = tl.load(w_ptr + o * C + ch, mask=ch < C, other=0.0).to(ACC)
         g_y += w_row[:, None] * g_o[None, :]
         tl.store(wrow_base + o * CP + ch, tl.sum(y * g_o[None, :], axis=1))
-    tl.store(gx_ptr + offs, (g_y * scale).to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr + rows + p[None, :], (g_y * scale).to(gx_ptr.dtype.element_ty), mask=mask)
     _store_h_grads(
         gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, g_y * scale * x, g_y, s_raw,
         HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
@@ -225,12 +224,14 @@ def _inverse_mix(
     z_ptr, winv_ptr, b, p, ch, HW,
     C: tl.constexpr, CP: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """y = W^-1 z for a [CP, BLOCK_P] tile (unrolled over input channels)."""
+    """y = W^-1 z for a [CP, BLOCK_P] tile of image b (int64), unrolled over input channels."""
     y = tl.zeros([CP, BLOCK_P], dtype=ACC)
+    z_c_ptr = z_ptr + b * C * HW + p  # stepped by HW: C HW passes 2^31 at C = 64, 8192 px
     for c in tl.static_range(C):
-        z_c = tl.load(z_ptr + b.to(tl.int64) * C * HW + c * HW + p, mask=p < HW, other=0.0)
+        z_c = tl.load(z_c_ptr, mask=p < HW, other=0.0)
         w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
         y += w_col[:, None] * z_c.to(ACC)[None, :]
+        z_c_ptr += HW
     return y
 
 
@@ -241,7 +242,7 @@ def _coupling_inv_kernel(
     GAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """x = (W^-1 z - t) exp(-s) for a tile of pixels of one image, all channels."""
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.arange(0, CP)
     y = _inverse_mix(z_ptr, winv_ptr, b, p, ch, HW, C, CP, ACC, BLOCK_P)
@@ -249,8 +250,8 @@ def _coupling_inv_kernel(
         h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
     )
     x = (y - shift) * tl.exp(-log_scale)
-    offs = b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
-    tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=(ch[:, None] < C) & (p < HW)[None, :])
+    out = x_ptr + (b * C + ch[:, None]) * HW + p[None, :]
+    tl.store(out, x.to(x_ptr.dtype.element_ty), mask=(ch[:, None] < C) & (p < HW)[None, :])
 
 
 @triton.jit
@@ -264,7 +265,7 @@ def _coupling_inv_bwd_kernel(
 
     wpart gets per-program sums of g_u z^T, the gradient w.r.t. W^-1 (u = W^-1 z)."""
     tile = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     ch = tl.arange(0, CP)
     pm = p < HW
@@ -274,18 +275,18 @@ def _coupling_inv_bwd_kernel(
         h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
     )
     inv_scale = tl.exp(-log_scale)
-    offs = b.to(tl.int64) * C * HW + ch[:, None] * HW + p[None, :]
-    g_x = tl.load(gx_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g_x = tl.load(gx_ptr + (b * C + ch[:, None]) * HW + p[None, :], mask=mask, other=0.0)
+    g_x = g_x.to(ACC)
     g_u = g_x * inv_scale
-    col_base = wpart_ptr + ((b * n_tiles + tile).to(tl.int64) * CP) * C
+    col_base = wpart_ptr + ((b * n_tiles + tile) * CP) * C
+    z_offs = b * C * HW + p  # stepped by HW
     for c in tl.static_range(C):
-        z_c = tl.load(z_ptr + b.to(tl.int64) * C * HW + c * HW + p, mask=pm, other=0.0)
+        z_c = tl.load(z_ptr + z_offs, mask=pm, other=0.0)
         w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
         g_z = tl.sum(w_col[:, None] * g_u, axis=0)
-        tl.store(
-            gz_ptr + b.to(tl.int64) * C * HW + c * HW + p, g_z.to(gz_ptr.dtype.element_ty), mask=pm
-        )
+        tl.store(gz_ptr + z_offs, g_z.to(gz_ptr.dtype.element_ty), mask=pm)
         tl.store(col_base + ch * C + c, tl.sum(g_u * z_c.to(ACC)[None, :], axis=1))
+        z_offs += HW
     _store_h_grads(
         gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, -g_u * (u - shift), -g_u, s_raw,
         HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
@@ -301,19 +302,19 @@ def _vn_grad_kernel(
     """In place over the whole parameter plane: g_s_raw = (g_s - corr) * clamp'(s_raw),
     corr = mean of g_s over the VN dims minus grad(mean) / count."""
     tile = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     q = tile * BLOCK + tl.arange(0, BLOCK)
     ch = tl.arange(0, CP)
     mask = (ch[:, None] < C) & (q[None, :] < HWP)
-    offs = b.to(tl.int64) * (2 * C) * HWP + ch[:, None] * HWP + q[None, :]
-    g_s = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(ACC)
-    s_raw = tl.load(h_ptr + offs, mask=mask, other=0.0).to(ACC)
+    rows = (b * (2 * C) + ch[:, None]) * HWP
+    g_s = tl.load(gh_ptr + rows + q[None, :], mask=mask, other=0.0).to(ACC)
+    s_raw = tl.load(h_ptr + rows + q[None, :], mask=mask, other=0.0).to(ACC)
     if CVN:
         corr = tl.load(corr_ptr + q, mask=q < HWP, other=0.0).to(ACC)[None, :]
     else:
         corr = tl.load(corr_ptr + ch, mask=ch < C, other=0.0).to(ACC)[:, None]
     g = (g_s - corr) * _soft_clamp_grad(s_raw, clamp, GAIN)
-    tl.store(gh_ptr + offs, g.to(gh_ptr.dtype.element_ty), mask=mask)
+    tl.store(gh_ptr + rows + q[None, :], g.to(gh_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers

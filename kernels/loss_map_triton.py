@@ -22,7 +22,8 @@ adjoint compose (Triton); then ``_pair_sq_diff_grad_kernel`` scatters
 ``2 (z_i - z_j) / C * dD`` to both images of every pair, each program summing over all
 pairs of its pixels (no atomics).
 
-Anomaly map: ``_abs_diff_mean_kernel`` (per level, ``mean_c |z - T|``), the compose, and
+Anomaly map: ``_abs_diff_mean_kernel`` (per level, ``mean_c |z - T|``; up to 16 images per
+program share each template read), the compose, and
 the image score from per-row partial maxima written by the last compose level, finished
 in torch. It is inference only (no backward): it raises if a gradient is requested.
 
@@ -45,6 +46,8 @@ from .pyramid_triton import pyramid_compose, up_launch
 __all__ = ["anomaly_map", "fourier_loss", "rfft2_adjoint"]
 
 _PAIR_TILE = 4096  # B_pad * B_pad * pixels held by one pair program
+_ABS_DIFF_IMAGES = 16  # images per anomaly-map program: the template is read B / 16 times
+_ABS_DIFF_TILE = 4096  # images x pixels held by one anomaly-map program
 
 # --------------------------------------------------------------------------- kernels
 
@@ -183,19 +186,26 @@ def _abs_diff_mean_kernel(
     B,
     C,
     HW,
+    BLOCK_B: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """out[b, pix] = mean_c |z[b, c, pix] - t[c, pix]|."""
+    """out[b, pix] = mean_c |z[b, c, pix] - t[c, pix]| for BLOCK_B images at once: each
+    template value is read once per program, not once per image."""
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b = tl.program_id(1).to(tl.int64)
-    mask = pix < HW
-    acc = tl.zeros((BLOCK,), dtype=ACC)
+    img = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = pix < HW
+    mask = (img[:, None] < B) & live[None, :]
+    rows = img[:, None].to(tl.int64) * C
+    t_row = t_ptr + pix
+    acc = tl.zeros((BLOCK_B, BLOCK), dtype=ACC)
     for c in range(C):
-        z = tl.load(z_ptr + (b * C + c) * HW + pix, mask=mask, other=0.0).to(ACC)
-        t = tl.load(t_ptr + c * HW + pix, mask=mask, other=0.0).to(ACC)
-        acc += tl.abs(z - t)
-    tl.store(out_ptr + b * HW + pix, (acc / C).to(out_ptr.dtype.element_ty), mask=mask)
+        z = tl.load(z_ptr + (rows + c) * HW + pix[None, :], mask=mask, other=0.0).to(ACC)
+        t = tl.load(t_row, mask=live, other=0.0).to(ACC)
+        acc += tl.abs(z - t[None, :])
+        t_row += HW  # pointer steps: c * HW passes 2^31 at C = 64, 8192 px
+    out = out_ptr + img[:, None].to(tl.int64) * HW + pix[None, :]
+    tl.store(out, (acc / C).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -348,16 +358,18 @@ def abs_diff_mean_launch(z: torch.Tensor, template: torch.Tensor) -> torch.Tenso
     template = template.to(z.dtype).contiguous()
     pixels = height * width
     out = z.new_empty((batch, 1, height, width))
-    block = tile_1d(pixels)
+    block_b = min(triton.next_power_of_2(batch), _ABS_DIFF_IMAGES)
+    block = tile_1d(pixels, _ABS_DIFF_TILE // block_b)
     launch(
         _abs_diff_mean_kernel,
-        (triton.cdiv(pixels, block), batch),
+        (triton.cdiv(pixels, block), triton.cdiv(batch, block_b)),
         z,
         template,
         out,
         batch,
         channels,
         pixels,
+        BLOCK_B=block_b,
         BLOCK=block,
         ACC=acc_dtype(z.dtype),
     )

@@ -8,7 +8,10 @@ done by masked loads. Two kernels do all the work:
 - ``_window_kernel`` (one coarse output pixel per lane) reads the 6x6 fine window
   rows/cols 2p-2 .. 2p+3 around the 2x2 block of coarse pixel p, and either
   * ``MODE_BLUR_MAX``: blurs the four fine pixels of the block (separable 5x5 binomial,
-    zero pad 2) and keeps their max: ``Down(g) = maxpool2x2(G(g))`` in one pass; or
+    zero pad 2) and keeps their max: ``Down(g) = maxpool2x2(G(g))`` in one pass, with
+    torch's max-pool rule (first maximum in row-major order; NaN propagates); or
+  * ``MODE_ROUTE`` (Down's backward): the same blur and rule, writing the coarse
+    gradient to the fine pixel the max came from (zeros elsewhere); or
   * ``MODE_UP_ADJOINT``: applies the adjoint of ``Up`` (blur, then sum over 2x2
     replication blocks), a separable 6x6 stencil with taps [1, 5, 10, 10, 5, 1] / 16.
 - ``_up_kernel`` (one fine pixel per lane) computes ``Up(c) = G(replicate2x(c))`` from the
@@ -17,18 +20,21 @@ done by masked loads. Two kernels do all the work:
   (1, 10, 5) / 16 (odd phase); zero padding at the fine resolution is zero padding of the
   coarse grid because H and W are even. It writes ``fine + Up(c)`` or ``fine - Up(c)``
   (band = g - Up(g_next) of decompose, r = Up(r) + band of compose), optionally with
-  per-row maxima of the result (used by the anomaly map's image score).
+  per-row maxima of the result (used by the anomaly map's image score; NaN propagates,
+  as in torch's amax).
 
 Per level, decompose is ``_window_kernel`` (blur + max) then ``_up_kernel`` (subtract);
 compose is one ``_up_kernel`` (add). Compose is linear: its backward is its adjoint, one
-``_window_kernel`` (up-adjoint) per level. Decompose's backward (never needed by the model,
-whose pyramid input is frozen) goes through the max-pool argmax in torch: it recomputes
-the blur with ``pyramid_reference.blur``, routes the gradient with ``max_unpool2d``
-and blurs it back (the blur is self-adjoint).
+``_window_kernel`` (up-adjoint) per level. Down's backward (never needed by the model,
+whose pyramid input is frozen) routes the gradient through the max-pool with
+``_window_kernel`` (route), which recomputes the blur exactly as the forward did, so
+near-ties go to the pixel the forward chose, then blurs it back with
+``pyramid_reference.blur`` (the blur is self-adjoint).
 
 Each per-level primitive is registered with ``torch.library.triton_op`` as
-``pyramidflow::pyramid_down``, ``pyramidflow::pyramid_up_add`` and
-``pyramidflow::pyramid_up_adjoint``, each with ``register_autograd``; the public
+``pyramidflow::pyramid_down`` (its backward's routing: ``pyramid_down_route``),
+``pyramidflow::pyramid_up_add`` and ``pyramidflow::pyramid_up_adjoint``, each with
+``register_autograd``; the public
 functions chain them in Python, so ``torch.compile`` sees through them on a GPU.
 """
 
@@ -37,7 +43,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -48,6 +53,7 @@ __all__ = ["pyramid_compose", "pyramid_decompose", "up_add", "up_adjoint", "down
 
 MODE_BLUR_MAX = 0
 MODE_UP_ADJOINT = 1
+MODE_ROUTE = 2
 
 # --------------------------------------------------------------------------- kernels
 
@@ -76,6 +82,49 @@ def _row_blur2(ptr, y, x0, H, W, ACC: tl.constexpr):
 
 
 @triton.jit
+def _blurred_block(src, y0, x0, H, W, ACC: tl.constexpr):
+    """Unscaled 5x5 binomial blur at the 2x2 block of fine pixels (y0+2 .. y0+3,
+    x0+2 .. x0+3), in row-major order: top-left, top-right, bottom-left, bottom-right."""
+    e0, o0 = _row_blur2(src, y0, x0, H, W, ACC)
+    e1, o1 = _row_blur2(src, y0 + 1, x0, H, W, ACC)
+    e2, o2 = _row_blur2(src, y0 + 2, x0, H, W, ACC)
+    e3, o3 = _row_blur2(src, y0 + 3, x0, H, W, ACC)
+    e4, o4 = _row_blur2(src, y0 + 4, x0, H, W, ACC)
+    e5, o5 = _row_blur2(src, y0 + 5, x0, H, W, ACC)
+    top_left = e0 + 4.0 * e1 + 6.0 * e2 + 4.0 * e3 + e4
+    top_right = o0 + 4.0 * o1 + 6.0 * o2 + 4.0 * o3 + o4
+    bottom_left = e1 + 4.0 * e2 + 6.0 * e3 + 4.0 * e4 + e5
+    bottom_right = o1 + 4.0 * o2 + 6.0 * o3 + 4.0 * o4 + o5
+    return top_left, top_right, bottom_left, bottom_right
+
+
+@triton.jit
+def _pool_pick(best, index, value, position: tl.constexpr):
+    """One step of torch's max-pool scan: a larger value or a NaN takes over."""
+    take = (value > best) | (value != value)
+    return tl.where(take, value, best), tl.where(take, position, index)
+
+
+@triton.jit
+def _max_pool_2x2(v0, v1, v2, v3):
+    """(max, its position 0..3) of a 2x2 window in row-major order, chosen as torch's
+    max_pool2d does: the first maximum, and NaN (the last one) over any number. The
+    forward and the backward of ``down`` both use it, so the gradient goes to the pixel
+    whose value the forward returned, ties and NaNs included."""
+    index = tl.zeros(v0.shape, dtype=tl.int32)
+    best, index = _pool_pick(v0, index, v1, 1)
+    best, index = _pool_pick(best, index, v2, 2)
+    best, index = _pool_pick(best, index, v3, 3)
+    return best, index
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN, as torch's amax (``tl.max`` drops NaNs)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _row_adjoint(ptr, y, x0, H, W, ACC: tl.constexpr):
     """Unscaled up-adjoint taps [1, 5, 10, 10, 5, 1] over columns x0 .. x0+5 of row y."""
     v0, v1, v2, v3, v4, v5 = _row6(ptr, y, x0, H, W, ACC)
@@ -86,6 +135,7 @@ def _row_adjoint(ptr, y, x0, H, W, ACC: tl.constexpr):
 def _window_kernel(
     src_ptr,
     dst_ptr,
+    grad_ptr,
     N,
     H,
     W,
@@ -96,41 +146,44 @@ def _window_kernel(
     BLOCK_W: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Coarse (Ho x Wo) output from the 6x6 fine window of each coarse pixel.
+    """Coarse (Ho x Wo) output from the 6x6 fine window of each coarse pixel; with
+    ``MODE_ROUTE``, the fine (H x W) gradient of the max-pool instead: each coarse
+    pixel's ``grad`` goes to the fine pixel that ``MODE_BLUR_MAX`` took the max of.
 
     Planes are stacked vertically: output row P is row P % Ho of plane P // Ho, so one
     tile may span several small planes; zero padding stays per plane."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
     q = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
     live = rows < N * Ho
+    out_mask = live & (q < Wo)
     plane = tl.minimum(rows // Ho, N - 1)  # rows past the end re-read the last plane
     p = (rows % Ho).to(tl.int32)
     src = src_ptr + plane * H * W
     y0 = 2 * p - 2
     x0 = 2 * q - 2
-    if MODE == 0:
-        e0, o0 = _row_blur2(src, y0, x0, H, W, ACC)
-        e1, o1 = _row_blur2(src, y0 + 1, x0, H, W, ACC)
-        e2, o2 = _row_blur2(src, y0 + 2, x0, H, W, ACC)
-        e3, o3 = _row_blur2(src, y0 + 3, x0, H, W, ACC)
-        e4, o4 = _row_blur2(src, y0 + 4, x0, H, W, ACC)
-        e5, o5 = _row_blur2(src, y0 + 5, x0, H, W, ACC)
-        top_even = e0 + 4.0 * e1 + 6.0 * e2 + 4.0 * e3 + e4
-        top_odd = o0 + 4.0 * o1 + 6.0 * o2 + 4.0 * o3 + o4
-        bottom_even = e1 + 4.0 * e2 + 6.0 * e3 + 4.0 * e4 + e5
-        bottom_odd = o1 + 4.0 * o2 + 6.0 * o3 + 4.0 * o4 + o5
-        result = tl.maximum(tl.maximum(top_even, top_odd), tl.maximum(bottom_even, bottom_odd))
-    else:
+    if MODE == 1:
         r0 = _row_adjoint(src, y0, x0, H, W, ACC)
         r1 = _row_adjoint(src, y0 + 1, x0, H, W, ACC)
         r2 = _row_adjoint(src, y0 + 2, x0, H, W, ACC)
         r3 = _row_adjoint(src, y0 + 3, x0, H, W, ACC)
         r4 = _row_adjoint(src, y0 + 4, x0, H, W, ACC)
         r5 = _row_adjoint(src, y0 + 5, x0, H, W, ACC)
-        result = (r0 + r5) + 5.0 * (r1 + r4) + 10.0 * (r2 + r3)
-    result = result * (1.0 / 256.0)
-    out_mask = live & (q < Wo)
-    tl.store(dst_ptr + rows * Wo + q, result.to(dst_ptr.dtype.element_ty), out_mask)
+        result = ((r0 + r5) + 5.0 * (r1 + r4) + 10.0 * (r2 + r3)) * (1.0 / 256.0)
+        tl.store(dst_ptr + rows * Wo + q, result.to(dst_ptr.dtype.element_ty), out_mask)
+    else:
+        v0, v1, v2, v3 = _blurred_block(src, y0, x0, H, W, ACC)
+        result, index = _max_pool_2x2(v0, v1, v2, v3)
+        if MODE == 0:
+            result = result * (1.0 / 256.0)
+            tl.store(dst_ptr + rows * Wo + q, result.to(dst_ptr.dtype.element_ty), out_mask)
+        else:
+            g = tl.load(grad_ptr + rows * Wo + q, mask=out_mask, other=0.0)
+            fine = dst_ptr + (plane * H + 2 * p) * W + 2 * q
+            zero = tl.zeros(g.shape, dtype=g.dtype)
+            tl.store(fine, tl.where(index == 0, g, zero), out_mask)
+            tl.store(fine + 1, tl.where(index == 1, g, zero), out_mask)
+            tl.store(fine + W, tl.where(index == 2, g, zero), out_mask)
+            tl.store(fine + W + 1, tl.where(index == 3, g, zero), out_mask)
 
 
 @triton.jit
@@ -189,7 +242,7 @@ def _up_kernel(
         value += tl.load(fine_ptr + offs, mask=mask, other=0.0).to(ACC)
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_MAX:
-        row_max = tl.max(tl.where(mask, value, float("-inf")), axis=1)
+        row_max = tl.reduce(tl.where(mask, value, float("-inf")), 1, _max_nan)
         slots = max_ptr + row_ids * tl.num_programs(1) + tl.program_id(1)
         tl.store(slots, row_max.to(max_ptr.dtype.element_ty), mask=row_ids < N * H)
 
@@ -204,13 +257,23 @@ def _planes(x: torch.Tensor) -> tuple[int, int, int]:
     return (x.numel() // (height * width) if x.numel() else 0), height, width
 
 
-def window_launch(src: torch.Tensor, mode: int) -> torch.Tensor:
-    """Down (``MODE_BLUR_MAX``) or Up-adjoint (``MODE_UP_ADJOINT``) of (..., H, W) planes."""
+def window_launch(src: torch.Tensor, mode: int, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Down (``MODE_BLUR_MAX``) or Up-adjoint (``MODE_UP_ADJOINT``) of (..., H, W) planes;
+    ``MODE_ROUTE``: the (..., H, W) max-pool gradient of Down at ``src`` for the coarse
+    gradient ``grad`` (blur it to get the gradient of Down)."""
     src = src.contiguous()
     n, height, width = _planes(src)
     if height % 2 or width % 2:
         raise ValueError(f"plane size must be even, got {height}x{width}")
-    out = src.new_empty((*src.shape[:-2], height // 2, width // 2))
+    coarse_shape = (*src.shape[:-2], height // 2, width // 2)
+    if mode == MODE_ROUTE:
+        if grad is None or tuple(grad.shape) != coarse_shape:
+            got = None if grad is None else tuple(grad.shape)
+            raise ValueError(f"routing needs a gradient of shape {coarse_shape}, got {got}")
+        grad = grad.to(src.dtype).contiguous()
+        out = torch.empty_like(src)
+    else:
+        out = src.new_empty(coarse_shape)
     if n == 0:
         return out
     # 8 rows: at 16 x 64 the 6x6 stencil needs more than sm_90's 255 registers and spills
@@ -222,6 +285,7 @@ def window_launch(src: torch.Tensor, mode: int) -> torch.Tensor:
         grid,
         src,
         out,
+        grad if grad is not None else src,
         n,
         height,
         width,
@@ -293,12 +357,17 @@ def _down_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[0])
 
 
+def _down_route_fn(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return window_launch(x, MODE_ROUTE, grad)
+
+
 def _down_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    """Route through the max-pool with the forward's own rule and arithmetic (a Triton
+    pass), then blur: the blur is self-adjoint."""
     (x,) = ctx.saved_tensors
-    flat = x.reshape(-1, 1, *x.shape[-2:])
-    _, argmax = F.max_pool2d(blur(flat), kernel_size=2, stride=2, return_indices=True)
-    routed = F.max_unpool2d(grad.reshape(argmax.shape), argmax, 2, 2, output_size=flat.shape[-2:])
-    return blur(routed).reshape(x.shape)
+    routed = _down_route_op(grad, x)
+    channels = x.shape[-3] if x.dim() > 2 else 1
+    return blur(routed.reshape(-1, channels, *x.shape[-2:])).reshape(x.shape)
 
 
 def _up_add_fn(coarse: torch.Tensor, fine: torch.Tensor | None, subtract: bool) -> torch.Tensor:
@@ -329,6 +398,7 @@ def _up_adjoint_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
     return up_add(grad, None)
 
 
+_down_route_op = register_op("pyramid_down_route", _down_route_fn)
 _down_op = register_op("pyramid_down", _down_fn, backward=_down_backward, setup_context=_down_setup)
 _up_add_op = register_op(
     "pyramid_up_add", _up_add_fn, backward=_up_add_backward, setup_context=_up_add_setup

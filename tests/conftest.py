@@ -3,7 +3,9 @@ session (tests must not modify them: copy what they change)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,21 @@ TINY_CONFIG = Config(image_size=32, levels=3, stacks=1, channels=8, kernel_size=
 
 
 _TEST_DEVICE = {"device": "cpu"}
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """A module of ``bench/`` by file (``bench`` is not a package), imported once."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

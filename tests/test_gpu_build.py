@@ -13,32 +13,15 @@ report parsing on synthetic inputs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import BENCH, bench_module
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name: str):
-    """A module of ``bench/`` by file (``bench`` is not a package)."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-byte_model = _load("byte_model")
-build_check = _load("gpu_build_check")
+byte_model = bench_module("byte_model")
+build_check = bench_module("gpu_build_check")
 
 
 # --------------------------------------------------------------------------- byte model
@@ -95,6 +78,7 @@ def test_vector_widths_and_problems_on_synthetic_input():
 def test_every_kernel_mode_has_a_byte_model_entry():
     assert build_check.variant("_window_kernel", {"MODE": 0}) == "down"
     assert build_check.variant("_window_kernel", {"MODE": 1}) == "up_adjoint"
+    assert build_check.variant("_window_kernel", {"MODE": 2}) == "down_route"
     up = {"WRITE_MAX": False, "HAS_FINE": True, "SIGN": -1.0}
     assert build_check.variant("_up_kernel", up) == "band"
     assert build_check.variant("_up_kernel", {**up, "SIGN": 1.0}) == "up_add"

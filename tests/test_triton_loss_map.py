@@ -90,7 +90,11 @@ def test_fourier_loss_needs_two_images():
         loss_map_triton.fourier_loss(pyramid(1, 3, 8, 8, 2))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+# 19 images: the |z - T| kernel takes 16 images per program, so one full and one partial
+ANOMALY_SHAPES = [*SHAPES, (19, 3, 16, 24, 2)]
+
+
+@pytest.mark.parametrize("shape", ANOMALY_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("template_batch_dim", [True, False], ids=["1CHW", "CHW"])
 def test_anomaly_map_and_score_match_reference(shape, template_batch_dim):
     latents = pyramid(*shape)
@@ -104,6 +108,28 @@ def test_anomaly_map_and_score_match_reference(shape, template_batch_dim):
     assert amap.shape == (shape[0], shape[2], shape[3]) and score.shape == (shape[0],)
     assert relative_error(amap, amap_ref) <= TOL
     assert relative_error(score, score_ref) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_anomaly_map_propagates_nan_as_torch(dtype):
+    """A NaN latent makes its image's map NaN where the torch backend's is, and its score
+    NaN (``tl.max`` alone would drop it); the other images keep finite maps and scores."""
+    latents = [z.to(dtype) for z in pyramid(3, 3, 16, 24, 3, seed=5)]
+    latents[1][1, 2, 3, 4] = float("nan")  # image 1, at a coarser level
+    latents[0][2, :, 7, 9] = float("nan")  # image 2, every channel of one fine pixel
+    template = [z[0].to(dtype) for z in pyramid(1, 3, 16, 24, 3, seed=6)]
+    amap, score = loss_map_triton.anomaly_map(latents, template)
+    amap_ref, score_ref = loss_map_reference.anomaly_map(
+        [z.double() for z in latents], [t.double() for t in template]
+    )
+    nan = torch.isnan(amap_ref)
+    assert torch.equal(torch.isnan(amap), nan) and torch.equal(
+        torch.isnan(score), score_ref.isnan()
+    )
+    assert torch.equal(score_ref.isnan(), torch.tensor([False, True, True], device=score.device))
+    tol = TOL if dtype == torch.float32 else 1e-12
+    assert relative_error(amap[~nan], amap_ref[~nan]) <= tol
+    assert relative_error(score[0], score_ref[0]) <= tol
 
 
 def test_anomaly_map_is_inference_only():

@@ -142,3 +142,61 @@ def test_ops_are_registered_with_torch_library():
         assert hasattr(torch.ops.pyramidflow, name)
     x = randn(1, 1, 8, 8)
     assert torch.equal(torch.ops.pyramidflow.pyramid_down(x), pyramid_triton.down(x))
+
+
+def tied_images() -> dict[str, torch.Tensor]:
+    """Images whose blurred 2x2 blocks tie exactly away from the border: constant, constant
+    along rows (left and right tie), constant along columns (top and bottom tie)."""
+    ramp = torch.arange(16, dtype=torch.float64)
+    return {
+        "constant": torch.full((1, 2, 16, 24), 0.75, dtype=torch.float64),
+        "rows": (ramp[:, None] * 0.1).expand(1, 2, 16, 24).contiguous(),
+        "columns": (torch.arange(24.0, dtype=torch.float64) * 0.1).expand(1, 2, 16, 24),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["constant", "rows", "columns"])
+def test_down_gradient_takes_the_first_of_tied_pixels_as_torch(kind, dtype):
+    """Max-pool ties: the Triton backward routes each coarse gradient to the first maximal
+    pixel in row-major order, as torch's max_pool2d (the torch backend) does."""
+    x = tied_images()[kind].to(DEVICE).contiguous()
+    grad = randn(1, 2, 8, 12, seed=1)
+    ours, theirs = leaf(x, dtype), leaf(x)
+    pyramid_triton.down(ours).backward(grad.to(dtype))
+    pyramid_reference.down(theirs).backward(grad.double())
+    assert relative_error(ours.grad, theirs.grad) <= (TOL if dtype == torch.float32 else 1e-12)
+    if kind == "constant":  # interior blocks tie 4 ways: all of it goes to the top left
+        routed = pyramid_triton.window_launch(x, pyramid_triton.MODE_ROUTE, torch.ones_like(grad))
+        interior = routed[..., 4:-4, 4:-4].reshape(1, 2, 4, 2, 8, 2)
+        assert torch.equal(interior[:, :, :, 0, :, 0], torch.ones_like(interior[:, :, :, 0, :, 0]))
+        assert interior.sum() == interior[:, :, :, 0, :, 0].sum()
+
+
+def with_nans(*shape: int, seed: int) -> torch.Tensor:
+    x = randn(*shape, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x.view(-1)[torch.randperm(x.numel(), generator=gen)[:3]] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decompose_propagates_nan_as_torch(dtype):
+    """A NaN reaches every band the torch backend's max-pool carries it to (``tl.maximum``
+    alone would drop it), and the gradient is routed to the NaN as torch does."""
+    x = with_nans(2, 3, 16, 24, seed=3)
+    ours, theirs = leaf(x, dtype), leaf(x, torch.float64)
+    bands = pyramid_triton.pyramid_decompose(ours, 3)
+    expected = pyramid_reference.decompose(theirs, 3)
+    tol = TOL if dtype == torch.float32 else 1e-12
+    for level, (band, ref) in enumerate(zip(bands, expected, strict=True)):
+        nan = torch.isnan(ref)
+        assert nan.any() and torch.equal(torch.isnan(band), nan), f"NaNs of band {level}"
+        assert relative_error(band[~nan], ref[~nan]) <= tol, f"band {level}"
+    # Down alone: a band's gradient also flows through Up's adjoint, a blur of the band's
+    # NaN-free gradient, but the max-pool's routing is what NaNs can change
+    grad = randn(2, 3, 8, 12, seed=20)
+    pyramid_triton.down(ours).backward(grad.to(dtype))
+    pyramid_reference.down(theirs).backward(grad.double())
+    assert torch.isfinite(theirs.grad).all()
+    assert relative_error(ours.grad, theirs.grad) <= tol
