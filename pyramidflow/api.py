@@ -30,7 +30,7 @@ from .io.datasets import Sample, open_category, training_images
 from .io.images import read_array, read_mask
 from .metrics import evaluate_maps, f1_max
 from .model.flow import PyramidFlow
-from .model.scoring import anomaly_maps
+from .model.scoring import anomaly_maps, uses_spread
 from .progress import progress_bar
 from .training.loop import train
 from .training.template import compute_template, compute_template_and_spread
@@ -167,9 +167,9 @@ class Detector:
 
     def _compute_template(self, model: PyramidFlow, images: torch.Tensor, progress: bool) -> None:
         """The template, and the spread when the scoring recipe needs it."""
-        if self.config.scoring == "znorm":
+        if uses_spread(self.config.scoring):
             self.template, self.spread = compute_template_and_spread(
-                model, images, device=self.device, progress=progress
+                model, images, recipe=self.config.scoring, device=self.device, progress=progress
             )
         else:
             self.template = compute_template(model, images, device=self.device, progress=progress)
@@ -243,7 +243,7 @@ class Detector:
         det = cls(checkpoint.config, device=device)
         det.model = checkpoint.model.to(det.device).eval()
         det.template = [t.to(det.device) for t in checkpoint.template]
-        if det.config.scoring == "znorm":
+        if uses_spread(det.config.scoring):
             det.spread = [s.to(det.device) for s in spread_from_extras(checkpoint, path)]
         det.info = checkpoint.info
         threshold = det.info.get("threshold")
@@ -253,9 +253,10 @@ class Detector:
     def _ready(self) -> tuple[PyramidFlow, list[torch.Tensor]]:
         if self.model is None or self.template is None:
             raise RuntimeError("this detector is not trained: call fit() or Detector.load()")
-        if self.config.scoring == "znorm" and self.spread is None:
+        if uses_spread(self.config.scoring) and self.spread is None:
             raise RuntimeError(
-                "scoring 'znorm' needs the latent spread of the good images: call fit()"
+                f"scoring {self.config.scoring!r} needs the latent spread of the good images: "
+                "call fit()"
             )
         return self.model, self.template
 
@@ -266,8 +267,8 @@ class Detector:
         """Maps (N, H, W) at model size and scores (N,) of a normalized batch."""
         model, template = self._ready()
         return anomaly_maps(
-            model, template, images, spread=self.spread, batch_size=batch_size,
-            device=self.device, progress=progress,
+            model, template, images, spread=self.spread, recipe=self.config.scoring,
+            batch_size=batch_size, device=self.device, progress=progress,
         )  # fmt: skip
 
     def _checked_batch(self, images: torch.Tensor) -> torch.Tensor:

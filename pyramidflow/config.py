@@ -33,8 +33,9 @@ _REAL_FIELDS = ("clamp", "holdout_fraction", "threshold_quantile", "lr", "eps",
 GEOMETRIES = ("resize", "native")
 # "paper": map = mean_c Compose(|z - T|), score = its max (the paper's recipe, bit for bit);
 # "znorm": each latent's residual over the good images' standard deviation of it, the
-# composed map smoothed (Gaussian, sigma 4 px per 256 px), score = its max (docs/method.md).
-SCORINGS = ("paper", "znorm")
+# composed map smoothed (Gaussian, sigma 4 px per 256 px), score = its max (docs/method.md);
+# "relative": znorm on latents standardized per image and channel, the map over its mean.
+SCORINGS = ("paper", "znorm", "relative")
 NORMALIZATIONS = ("auto", "imagenet", "dataset", "fixed")
 
 

@@ -65,8 +65,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scoring",
         choices=SCORINGS,
-        help="anomaly map recipe: paper (|z - T|, the paper's) or znorm (residuals over the "
-        "good images' spread, smoothed); docs/method.md section 8",
+        help="anomaly map recipe: paper (|z - T|, the paper's), znorm (residuals over the "
+        "good images' spread, smoothed) or relative (znorm on per-image standardized latents, "
+        "the map over its own mean); docs/method.md section 8",
     )
     g.add_argument(
         "--backend",

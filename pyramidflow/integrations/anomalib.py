@@ -30,7 +30,7 @@ from torch import nn
 from ..config import IMAGENET_MEAN, IMAGENET_STD, Config
 from ..errors import PyramidFlowError
 from ..model.flow import PyramidFlow, level_sizes
-from ..model.scoring import score_latents
+from ..model.scoring import recipe_latents, score_latents, uses_spread
 from ..training.loop import augment, check_finite, make_optimizer
 from ..training.template import LatentMoments
 
@@ -64,10 +64,11 @@ class PyramidflowModel(nn.Module):
         super().__init__()
         self.flow = PyramidFlow(config)
         self.levels = config.levels
-        self.znorm = config.scoring == "znorm"
+        self.recipe = config.scoring
+        self.needs_spread = uses_spread(config.scoring)
         for level, (h, w) in enumerate(level_sizes(config.image_size, config.levels)):
             self.register_buffer(f"template_{level}", torch.zeros(config.channels, h, w))
-            if self.znorm:
+            if self.needs_spread:
                 self.register_buffer(f"spread_{level}", torch.ones(config.channels, h, w))
         # whether the template belongs to the current weights (saved with them)
         self.register_buffer("template_ready", torch.tensor(False))
@@ -77,8 +78,8 @@ class PyramidflowModel(nn.Module):
         return [getattr(self, f"template_{level}") for level in range(self.levels)]
 
     def spread(self) -> list[torch.Tensor] | None:
-        """The per-element spread (``znorm`` scoring) or None (``paper``)."""
-        if not self.znorm:
+        """The per-element spread (``znorm``/``relative`` scoring) or None (``paper``)."""
+        if not self.needs_spread:
             return None
         return [getattr(self, f"spread_{level}") for level in range(self.levels)]
 
@@ -86,7 +87,7 @@ class PyramidflowModel(nn.Module):
     def set_template(self, moments: LatentMoments) -> None:
         """Finish ``moments`` into the template (and spread) buffers and mark them current."""
         dtype = self.template_0.dtype
-        if self.znorm:
+        if self.needs_spread:
             template, spread = moments.template_and_spread(dtype)
             for buffer, value in zip(self.spread() or [], spread, strict=True):
                 buffer.copy_(value)
@@ -106,7 +107,10 @@ class PyramidflowModel(nn.Module):
                 "anomalib's Engine.fit (the template is computed at the end of fitting) or "
                 "load a checkpoint written after fitting"
             )
-        maps, scores = score_latents(self.flow, self.flow(images), self.template(), self.spread())
+        latents = self.flow(images)
+        maps, scores = score_latents(
+            self.flow, latents, self.template(), self.spread(), self.recipe
+        )
         return InferenceBatch(pred_score=scores, anomaly_map=maps)
 
 
@@ -118,10 +122,10 @@ class Pyramidflow(AnomalibModule):
     ``kernel_size``, ``volume_norm`` ("CVN" or "SVN"), ``image_size`` (the pre-processor
     resizes to it; multiples of 2^(levels-1)), ``clamp``, ``memory`` ("recompute": training
     memory constant in depth; "store": plain autograd), ``backend`` ("auto", "torch",
-    "triton"), ``scoring`` ("paper" or "znorm"), the optimizer's ``lr``, ``betas``, ``eps``,
-    ``weight_decay``, the gradient-norm clip ``grad_clip``, the texture ``augment``ation
-    (flips, rot90) and the ``seed`` of its draws. ``pre_processor`` ... ``visualizer`` are
-    anomalib's (True: the defaults, False: none, or an instance).
+    "triton"), ``scoring`` ("paper", "znorm" or "relative"), the optimizer's ``lr``,
+    ``betas``, ``eps``, ``weight_decay``, the gradient-norm clip ``grad_clip``, the texture
+    ``augment``ation (flips, rot90) and the ``seed`` of its draws. ``pre_processor`` ...
+    ``visualizer`` are anomalib's (True: the defaults, False: none, or an instance).
     """
 
     def __init__(
@@ -267,11 +271,11 @@ class Pyramidflow(AnomalibModule):
         was_training = self.model.training
         self.model.eval()
         moments = LatentMoments(
-            self.config, squares=self.model.znorm, device=self.model.template_0.device
+            self.config, squares=self.model.needs_spread, device=self.model.template_0.device
         )
         with torch.no_grad():
             for images in self._training_images():
-                moments.add(self.model.flow(images))
+                moments.add(recipe_latents(self.model.flow(images), self.model.recipe))
         self.model.set_template(moments)
         self._trained_since_template = False
         self.model.train(was_training)

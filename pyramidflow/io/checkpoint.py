@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 TEMPLATE_PREFIX = "template."
 EXTRA_PREFIX = "extra."
-#: Extra tensors holding the znorm scoring recipe's spread, one per level.
+#: Extra tensors holding the znorm/relative scoring recipes' spread, one per level.
 SPREAD_PREFIX = "latent_spread."
 
 
@@ -225,8 +225,9 @@ def load_checkpoint(
 
 
 def spread_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> list[torch.Tensor]:
-    """The ``znorm`` scoring recipe's spread (the good images' standard deviation of every
-    latent element) from a checkpoint's extra tensors, checked against the template."""
+    """The spread of the ``znorm`` and ``relative`` scoring recipes (the good images'
+    standard deviation of every latent element) from a checkpoint's extra tensors, checked
+    against the template."""
     if checkpoint.template is None:
         raise CheckpointError(f"{path}: checkpoint has no latent template; train it first")
     spread = []
@@ -234,7 +235,8 @@ def spread_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> 
         tensor = checkpoint.extra_tensors.get(f"{SPREAD_PREFIX}{level}")
         if tensor is None:
             raise CheckpointError(
-                f"{path}: scoring 'znorm' needs {SPREAD_PREFIX}{level}, which the file lacks; "
+                f"{path}: scoring {checkpoint.config.scoring!r} needs {SPREAD_PREFIX}{level}, "
+                "which the file lacks; "
                 "retrain, or set the config's scoring to 'paper'"
             )
         usable = bool(torch.isfinite(tensor).all() & (tensor > 0).all())

@@ -28,7 +28,7 @@ from torch import nn
 from ..config import Config
 from ..errors import PyramidFlowError
 from ..model.flow import PyramidFlow
-from ..model.scoring import gaussian_blur, smoothing_sigma
+from ..model.scoring import score_latents, uses_spread
 from .checkpoint import CheckpointError, load_checkpoint, spread_from_extras
 
 FORMATS = ("onnx", "pt2")
@@ -65,32 +65,32 @@ class AnomalyGraph(nn.Module):
         self.model = copy.deepcopy(model).float().cpu().eval().requires_grad_(False)
         self.model.set_backend("torch")
         self.levels = config.levels
-        # znorm scoring: latents and template divided by the spread, the map smoothed
-        self.normalized = spread is not None
-        self.sigma = smoothing_sigma(config.image_size[0]) if self.normalized else 0.0
-        scales = [None] * self.levels if spread is None else [1.0 / s for s in spread]
-        for level, (tensor, scale) in enumerate(zip(template, scales, strict=True)):
+        self.recipe = config.scoring
+        if uses_spread(self.recipe) and spread is None:
+            raise ExportError(f"scoring {self.recipe!r} needs the good images' spread")
+        self.normalized = uses_spread(self.recipe)
+        for level, tensor in enumerate(template):
             tensor = tensor.detach().float().cpu().reshape(1, *tensor.shape[-3:])
-            if scale is not None:
-                scale = scale.detach().float().cpu().reshape(tensor.shape)
-                self.register_buffer(f"scale_{level}", scale)
-                tensor = tensor * scale
             self.register_buffer(f"template_{level}", tensor)
+            if self.normalized:
+                scale = spread[level].detach().float().cpu().reshape(tensor.shape)  # type: ignore[index]
+                self.register_buffer(f"spread_{level}", scale)
         self.eval()
 
     def template(self) -> list[torch.Tensor]:
         """The latent template, L tensors (1, C, h_l, w_l), finest first."""
         return [getattr(self, f"template_{level}") for level in range(self.levels)]
 
+    def spread(self) -> list[torch.Tensor] | None:
+        """The good images' spread of every latent element (``znorm``/``relative``), or None."""
+        if not self.normalized:
+            return None
+        return [getattr(self, f"spread_{level}") for level in range(self.levels)]
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps (B, H, W) and image scores (B,) of a normalized batch."""
         latents = self.model(images)
-        if not self.normalized:
-            return self.model.anomaly_map(latents, self.template())
-        latents = [z * getattr(self, f"scale_{level}") for level, z in enumerate(latents)]
-        maps, _ = self.model.anomaly_map(latents, self.template())
-        maps = gaussian_blur(maps, self.sigma)
-        return maps, maps.flatten(1).amax(1)
+        return score_latents(self.model, latents, self.template(), self.spread(), self.recipe)
 
     def example_input(self, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
         """A zero batch of the model's input shape, for tracing."""
@@ -219,7 +219,7 @@ def export_checkpoint(
             f"{checkpoint_path}: checkpoint has no latent template; train it first"
         )
     spread = None
-    if checkpoint.config.scoring == "znorm":
+    if uses_spread(checkpoint.config.scoring):
         spread = spread_from_extras(checkpoint, checkpoint_path)
     if fmt == "onnx":
         return export_onnx(

@@ -1,5 +1,6 @@
 """The latent template (the mean latent of the good training images) and the spread of
-every latent element over them (for the ``znorm`` scoring recipe); all ranks agree."""
+every latent element over them (for the ``znorm`` and ``relative`` scoring recipes); all
+ranks agree."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..model.flow import PyramidFlow, level_sizes
-from ..model.scoring import batch_slices
+from ..model.scoring import batch_slices, recipe_latents
 from ..progress import progress_bar
 from . import distributed
 
@@ -78,13 +79,15 @@ def _latent_moments(
     images: torch.Tensor,
     *,
     squares: bool,
+    recipe: str,
     batch_size: int,
     device: str | torch.device,
     progress: bool,
     data_parallel: bool | None,
 ) -> LatentMoments:
-    """The latent moments of ``images`` in eval mode, all-reduced over the ranks when
-    data-parallel (every rank passes all images and encodes its contiguous share)."""
+    """The moments of the scoring recipe's latents of ``images`` in eval mode, all-reduced
+    over the ranks when data-parallel (every rank passes all images and encodes its
+    contiguous share)."""
     if images.shape[0] == 0:
         raise ValueError("the template needs at least one training image")
     if data_parallel is None:
@@ -95,7 +98,7 @@ def _latent_moments(
     moments = LatentMoments(model.config, squares=squares, device=device)
     show = progress and (not data_parallel or distributed.rank() == 0)
     for part in progress_bar(batch_slices(mine.shape[0], batch_size), "template", enabled=show):
-        moments.add(model(mine[part].to(device)))
+        moments.add(recipe_latents(model(mine[part].to(device)), recipe))
     if data_parallel:
         moments.all_reduce()
     return moments
@@ -117,7 +120,7 @@ def compute_template(
     rank passes all images, encodes its contiguous share and the float64 sums and counts
     are all-reduced, so every rank returns the same template."""
     return _latent_moments(
-        model, images, squares=False, batch_size=batch_size, device=device,
+        model, images, squares=False, recipe="paper", batch_size=batch_size, device=device,
         progress=progress, data_parallel=data_parallel,
     ).template(images.dtype)  # fmt: skip
 
@@ -126,15 +129,18 @@ def compute_template_and_spread(
     model: PyramidFlow,
     images: torch.Tensor,
     *,
+    recipe: str = "znorm",
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
     data_parallel: bool | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The template (equal to :func:`compute_template`'s, bit for bit) and the standard
-    deviation of every latent element over the images (population, float64 sums),
-    floored at ``SPREAD_FLOOR`` times its level's mean variance."""
+    """The template and the standard deviation of every latent element over the images
+    (population, float64 sums), floored at ``SPREAD_FLOOR`` times its level's mean
+    variance, of the scoring ``recipe``'s latents (:func:`recipe_latents`: for ``znorm``
+    the latents themselves, and the template equals :func:`compute_template`'s bit for
+    bit)."""
     return _latent_moments(
-        model, images, squares=True, batch_size=batch_size, device=device,
+        model, images, squares=True, recipe=recipe, batch_size=batch_size, device=device,
         progress=progress, data_parallel=data_parallel,
     ).template_and_spread(images.dtype)  # fmt: skip
