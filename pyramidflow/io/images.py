@@ -10,7 +10,9 @@ from __future__ import annotations
 import glob
 import os
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..config import DEFAULT_MAX_PIXELS
 from ..errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_MAX_SAMPLES = 4  # gray, gray + alpha, RGB, RGBA: more samples per pixel are not images here
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CONVERT_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")  # 4-channel CMYK is not RGB + alpha
 
@@ -61,9 +65,6 @@ def _png16_header(path: Path) -> tuple[int, int, int] | None:
 
 def _read_png16(path: Path, height: int, width: int, channels: int) -> np.ndarray:
     """A 16-bit colour PNG as uint16 (H, W, channels), every bit kept (interlaced too)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and height * width > 2 * limit:  # checked before any decoding
-        raise ValueError(f"{height}x{width} pixels exceeds the decompression bomb limit")
     import imagecodecs
 
     array = imagecodecs.png_decode(path.read_bytes())
@@ -74,37 +75,99 @@ def _read_png16(path: Path, height: int, width: int, channels: int) -> np.ndarra
     return array
 
 
-def read_array(path: str | os.PathLike[str]) -> np.ndarray:
+class ImageTooLargeError(DataError):
+    """An image whose header declares more pixels than the reader's limit allows."""
+
+
+def check_pixel_limit(
+    path: str | os.PathLike[str], height: int, width: int, max_pixels: int
+) -> None:
+    """Raise :class:`ImageTooLargeError` (one line naming the file, its size and the option)
+    when ``height * width`` is above ``max_pixels``."""
+    if height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"{path}: image is {height}x{width} pixels ({height * width / 1e6:.0f} Mpx), above "
+            f"the limit of {max_pixels} pixels; raise it with --max-pixels (Config.max_pixels) "
+            "if the file is trusted"
+        )
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pillow_open(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` without Pillow's own pixel limit: ours (checked by the caller on the
+    header, before any decoding) replaces it. Pillow's is lower than the default
+    :data:`DEFAULT_MAX_PIXELS` (it refuses 16384 x 16384) and a process-wide setting; it is
+    lifted only while Pillow parses the header."""
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        yield img
+
+
+def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
+    """The first page of a TIFF, its declared size checked before its data are decoded."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.pages:
+            raise ValueError("no image pages")
+        page = tif.pages[0]
+        height, width = int(page.imagelength), int(page.imagewidth)
+        depth, samples = int(page.imagedepth), int(page.samplesperpixel)
+        check_pixel_limit(path, height * max(depth, 1), width, max_pixels)
+        if samples > _MAX_SAMPLES:
+            raise DataError(
+                f"{path}: {samples} samples per pixel; images have at most {_MAX_SAMPLES} "
+                "(gray, gray + alpha, RGB, RGBA)"
+            )
+        return np.asarray(tif.asarray(key=0))  # multi-page: the first page
+
+
+def _read_pillow(path: Path, max_pixels: int) -> np.ndarray:
+    with _pillow_open(path) as img:
+        check_pixel_limit(path, img.height, img.width, max_pixels)
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif img.mode == "I;16B":
+            img = img.convert("I;16")
+        elif img.mode in _CONVERT_TO_RGB:
+            img = img.convert("RGB")
+        array = np.array(img)  # a writable array, as tifffile gives
+        if img.mode == "I" and img.format == "PNG":
+            array = array.astype(np.uint16)  # older Pillow: 16-bit gray PNG as "I"
+    return array
+
+
+def read_array(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The raw pixel array of an image file: (H, W) or (H, W, C), its own dtype.
 
     TIFFs may be compressed (LZW, deflate, JPEG, PackBits, ...) or tiled; of a multi-page TIFF
-    only the first page is read."""
+    only the first page is read. A file whose header declares more than ``max_pixels``
+    pixels is refused (:class:`ImageTooLargeError`) before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such image file")
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
-            import tifffile
-
-            array = np.asarray(tifffile.imread(path, key=0))  # multi-page: the first page
+            array = _read_tiff(path, max_pixels)
         elif (png16 := _png16_header(path)) is not None:
+            check_pixel_limit(path, png16[0], png16[1], max_pixels)
             array = _read_png16(path, *png16)
         else:
-            with Image.open(path) as img:
-                if img.mode == "P":
-                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-                elif img.mode == "I;16B":
-                    img = img.convert("I;16")
-                elif img.mode in _CONVERT_TO_RGB:
-                    img = img.convert("RGB")
-                array = np.array(img)  # a writable array, as tifffile gives
-                if img.mode == "I" and img.format == "PNG":
-                    array = array.astype(np.uint16)  # older Pillow: 16-bit gray PNG as "I"
-    except MemoryError:
+            array = _read_pillow(path, max_pixels)
+    except (MemoryError, DataError):
         raise
     except Exception as exc:
         # Decoders raise more than OSError on damaged files (zlib.error, KeyError for a
-        # missing codec, DecompressionBombError, ...): all of them mean "cannot read".
+        # missing codec, struct.error, ...): all of them mean "cannot read".
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: cannot read image ({message})") from None
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
@@ -138,14 +201,16 @@ def to_channels(array: np.ndarray, channels: int, source: str = "image") -> np.n
     )
 
 
-def read_image(path: str | os.PathLike[str], channels: int = 3) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike[str], channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """An image file as float32 (H, W, channels) in [0, 1]."""
-    return to_channels(read_array(path), channels, str(path))
+    return to_channels(read_array(path, max_pixels), channels, str(path))
 
 
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+def read_mask(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A ground-truth mask file as bool (H, W): any nonzero pixel is defective."""
-    array = read_array(path)
+    array = read_array(path, max_pixels)
     if array.ndim == 3:
         if array.shape[2] in (2, 4):  # gray + alpha, RGB + alpha: opaque alpha is no defect
             array = array[:, :, :-1]

@@ -28,9 +28,11 @@ JOURNAL_VERSION = 1
 
 
 def model_key(detector: Detector) -> str:
-    """A fingerprint of the model: rows of another model must not be resumed."""
+    """A fingerprint of the model: rows of another model must not be resumed (the reading
+    policy ``max_pixels`` is not part of the model)."""
+    config = {k: v for k, v in detector.config.to_dict().items() if k != "max_pixels"}
     payload = json.dumps(
-        {"config": detector.config.to_dict(), "info": detector.info, "t": detector.threshold},
+        {"config": config, "info": detector.info, "t": detector.threshold},
         sort_keys=True,
         default=str,
     )
