@@ -218,14 +218,37 @@ def read_mask(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS
     return array > 0
 
 
+def _area_bins(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of each output cell's input range, as torch's "area"
+    resize (adaptive average pooling) takes them: floor(i * in / out), ceil((i+1) * in / out)."""
+    index = np.arange(size_out, dtype=np.int64)
+    return (index * size_in) // size_out, -((-(index + 1) * size_in) // size_out)
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a bool mask: a pixel is defective when at least half its area is."""
-    if mask.shape == tuple(size):
+    """Resize a bool mask: a pixel is defective when at least half its area is.
+
+    Shrinking counts the defective pixels of each cell in integers, a strip of rows at a
+    time (the same cells and decisions as torch's "area" resize, without a float copy of
+    the mask); enlarging is nearest."""
+    size = (int(size[0]), int(size[1]))
+    if mask.shape == size:
         return mask
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    shrink = size[0] < mask.shape[0] or size[1] < mask.shape[1]
-    mode = "area" if shrink else "nearest"
-    return (F.interpolate(t, size=size, mode=mode)[0, 0] >= 0.5).numpy()
+    if size[0] >= mask.shape[0] and size[1] >= mask.shape[1]:
+        t = torch.from_numpy(mask.astype(np.float32))[None, None]
+        return (F.interpolate(t, size=size, mode="nearest")[0, 0] >= 0.5).numpy()
+    row_start, row_end = _area_bins(mask.shape[0], size[0])
+    col_start, col_end = _area_bins(mask.shape[1], size[1])
+    per_row = np.empty((mask.shape[0], size[1]), dtype=np.int64)  # defects per row and cell
+    rows = max(1, 2**22 // max(1, mask.shape[1]))
+    for start in range(0, mask.shape[0], rows):
+        running = np.cumsum(mask[start : start + rows], axis=1, dtype=np.int64)
+        running = np.concatenate([np.zeros((running.shape[0], 1), np.int64), running], axis=1)
+        per_row[start : start + rows] = running[:, col_end] - running[:, col_start]
+    running = np.concatenate([np.zeros((1, size[1]), np.int64), np.cumsum(per_row, axis=0)])
+    counts = running[row_end] - running[row_start]
+    area = (row_end - row_start)[:, None] * (col_end - col_start)[None, :]
+    return 2 * counts >= area
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
