@@ -137,12 +137,21 @@ def _write_outputs(
         amap = preprocess.restore_map(small, item.shape, config)
     else:
         amap = preprocess.reduced_map(small, item.shape, size, config)
-    heat = colorize(amap, *heat_range(amap, threshold))
-    _write_png(out / files["overlay"], overlay(to_display(item.display), heat))
-    del heat
-    if threshold is not None:
+    low, high = heat_range(amap, threshold)
+    picture = to_display(item.display)
+    mask = None if threshold is None else np.empty(amap.shape, np.uint8)
+    # colouring and blending take ~50 bytes per pixel: a strip of rows at a time
+    rows = max(1, 2**20 // max(1, amap.shape[1]))
+    for start in range(0, amap.shape[0], rows):
+        part = slice(start, start + rows)
+        picture[part] = overlay(picture[part], colorize(amap[part], low, high))
+        if mask is not None:
+            mask[part] = mask_image(amap[part] >= threshold)
+    _write_png(out / files["overlay"], picture)
+    del picture
+    if mask is not None:
         files["mask"] = f"{item.name}_mask.png"
-        _write_png(out / files["mask"], mask_image(amap >= threshold))
+        _write_png(out / files["mask"], mask)
     return files
 
 
