@@ -123,6 +123,13 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
         height, width = int(page.imagelength), int(page.imagewidth)
         depth, samples = int(page.imagedepth), int(page.samplesperpixel)
         check_pixel_limit(path, height * max(depth, 1), width, max_pixels)
+        if page.is_tiled:  # the decoder allocates whole tiles, whatever the image size
+            tile = int(page.tilelength) * int(page.tilewidth) * max(int(page.tiledepth), 1)
+            if tile > max_pixels:
+                raise ImageTooLargeError(
+                    f"{path}: TIFF tiles of {page.tilelength}x{page.tilewidth} pixels, above "
+                    f"the limit of {max_pixels} pixels (--max-pixels, Config.max_pixels)"
+                )
         if samples > _MAX_SAMPLES:
             raise DataError(
                 f"{path}: {samples} samples per pixel; images have at most {_MAX_SAMPLES} "
@@ -163,8 +170,13 @@ def read_array(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
             array = _read_png16(path, *png16)
         else:
             array = _read_pillow(path, max_pixels)
-    except (MemoryError, DataError):
+    except DataError:
         raise
+    except MemoryError:
+        raise DataError(
+            f"{path}: not enough memory to decode this image; lower --max-pixels to refuse "
+            "such files before decoding"
+        ) from None
     except Exception as exc:
         # Decoders raise more than OSError on damaged files (zlib.error, KeyError for a
         # missing codec, struct.error, ...): all of them mean "cannot read".
