@@ -24,7 +24,7 @@ from ..config import DEFAULT_MAX_PIXELS
 from ..errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-_MAX_SAMPLES = 4  # gray, gray + alpha, RGB, RGBA: more samples per pixel are not images here
+_MAX_SAMPLES = 4  # RGBA: the most samples per pixel the limit is meant for
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CONVERT_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")  # 4-channel CMYK is not RGB + alpha
 
@@ -130,10 +130,10 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
                     f"{path}: TIFF tiles of {page.tilelength}x{page.tilewidth} pixels, above "
                     f"the limit of {max_pixels} pixels (--max-pixels, Config.max_pixels)"
                 )
-        if samples > _MAX_SAMPLES:
-            raise DataError(
-                f"{path}: {samples} samples per pixel; images have at most {_MAX_SAMPLES} "
-                "(gray, gray + alpha, RGB, RGBA)"
+        if height * width * max(depth, 1) * samples > max_pixels * _MAX_SAMPLES:
+            raise ImageTooLargeError(
+                f"{path}: image is {height}x{width} pixels of {samples} samples, more values "
+                f"than {max_pixels} RGBA pixels (--max-pixels, Config.max_pixels)"
             )
         return np.asarray(tif.asarray(key=0))  # multi-page: the first page
 
