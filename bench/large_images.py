@@ -7,7 +7,9 @@ peak RSS is the ``ru_maxrss`` that ``os.wait4`` returns for exactly that process
 - ``bomb_png``: a 20000 x 20000 PNG of zeros (0.4 MB): must be refused in one line;
 - ``bomb_tiff``: a real 40000 x 40000 zlib TIFF of zeros (tiled, ~2 MB on the disk): must
   be refused in one line within 5 s (the process runs under a 6 GB address-space limit, so
-  a regression fails here instead of taking the machine down);
+  a regression fails here instead of taking the machine down); ``seconds`` is the whole
+  command (Python, torch and the model load included), ``refusal_in_process_s`` the
+  reader's refusal alone;
 - ``gray_8000``: an 8000 x 8000 8-bit gray PNG of noise, scored (target < 1.2 GB peak);
 - ``gray_8000_full``: the same with ``--overlay-size full`` (full-size overlay and mask);
 - ``gray_16384``: a 16384 x 16384 8-bit gray PNG (noise), scored;
@@ -144,6 +146,20 @@ def native_child(size: int, train: bool) -> None:
     det.predict(rng.integers(0, 256, (size, size), dtype=np.uint8))
 
 
+def refusal_seconds(path: Path) -> float:
+    """Seconds ``read_array`` takes to refuse ``path`` in this process (imports done)."""
+    ensure_kernels_importable()
+    from pyramidflow.errors import DataError
+    from pyramidflow.io.images import read_array
+
+    start = time.perf_counter()
+    try:
+        read_array(path)
+    except DataError:
+        return round(time.perf_counter() - start, 4)
+    raise AssertionError(f"{path} was not refused")
+
+
 def read_child(path: str) -> None:
     ensure_kernels_importable()
     from pyramidflow.io.images import read_array
@@ -181,6 +197,7 @@ def main() -> None:
             if case.startswith("bomb"):
                 row = measure([*predict, str(inputs[case]), *out], address_limit=ADDRESS_LIMIT)
                 row["file_mb"] = round(inputs[case].stat().st_size / 2**20, 2)
+                row["refusal_in_process_s"] = refusal_seconds(inputs[case])
             elif case.startswith("read_"):
                 row = measure([*me, "read", str(inputs[f"noise_{case[5:]}"])])
             elif case.startswith("gray_"):

@@ -24,6 +24,7 @@ from ..config import DEFAULT_MAX_PIXELS
 from ..errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_ALWAYS_ALLOWED_TILE = 1024 * 1024  # tiles this size are fine whatever the (small) limit
 _MAX_SAMPLES = 4  # RGBA: the most samples per pixel the limit is meant for
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CONVERT_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")  # 4-channel CMYK is not RGB + alpha
@@ -125,7 +126,7 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
         check_pixel_limit(path, height * max(depth, 1), width, max_pixels)
         if page.is_tiled:  # the decoder allocates whole tiles, whatever the image size
             tile = int(page.tilelength) * int(page.tilewidth) * max(int(page.tiledepth), 1)
-            if tile > max_pixels:
+            if tile > max(max_pixels, _ALWAYS_ALLOWED_TILE):
                 raise ImageTooLargeError(
                     f"{path}: TIFF tiles of {page.tilelength}x{page.tilewidth} pixels, above "
                     f"the limit of {max_pixels} pixels (--max-pixels, Config.max_pixels)"
