@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import preprocess
-from .config import Config
+from .config import DEFAULT_MAX_PIXELS, Config
 from .errors import DataError
 from .io.checkpoint import (
     SPREAD_PREFIX,
@@ -113,10 +113,9 @@ class Detector:
         if isinstance(source, torch.Tensor):
             images = self._checked_tensor(source)
         else:
-            arrays, names = self._read_training(source, progress)
-            self.config = preprocess.resolve(self.config, arrays, names)
-            images = self._prepare_all(arrays, names, progress)
-            del arrays
+            self.config, images = preprocess.fit_stack(
+                self._training_items(source), self.config, progress=progress
+            )
         n = images.shape[0]
         fit_part, held_out = self._split(n)
         train_images = images if len(fit_part) == n else images[fit_part]
@@ -175,17 +174,6 @@ class Detector:
             self.template = compute_template(model, images, device=self.device, progress=progress)
             self.spread = None
 
-    def _prepare_all(
-        self, arrays: list[np.ndarray], names: list[str], progress: bool
-    ) -> torch.Tensor:
-        """Prepare ``arrays`` into one (N, C, H, W) stack, dropping each raw array from the
-        list once it is prepared (peak memory: the stack plus the not yet prepared ones)."""
-        images = torch.empty(len(arrays), self.config.in_channels, *self.config.image_size)
-        for i in progress_bar(range(len(arrays)), "preparing", enabled=progress):
-            images[i] = preprocess.prepare(arrays[i], self.config, names[i])
-            arrays[i] = None  # type: ignore[call-overload]
-        return images
-
     def _evaluate_during_training(
         self, model: PyramidFlow, train_images: torch.Tensor, category: str | os.PathLike[str]
     ) -> dict[str, float]:
@@ -211,13 +199,12 @@ class Detector:
             )
         return images.float()
 
-    def _read_training(self, source: Any, progress: bool) -> tuple[list[np.ndarray], list[str]]:
+    @staticmethod
+    def _training_items(source: Any) -> list[Path] | list[np.ndarray]:
+        """Image paths of a folder or category, or the given pixel arrays."""
         if isinstance(source, (str, os.PathLike)):
-            paths = training_images(source)
-            arrays = [read_array(p) for p in progress_bar(paths, "reading", enabled=progress)]
-            return arrays, [str(p) for p in paths]
-        arrays = [np.asarray(a) for a in source]
-        return arrays, [f"array {i}" for i in range(len(arrays))]
+            return training_images(source)
+        return [np.asarray(a) for a in source]
 
     def _split(self, n: int) -> tuple[list[int], list[int]]:
         """Indices to train on and to hold out for the threshold (seeded, at least two full
@@ -235,12 +222,23 @@ class Detector:
         return save_checkpoint(path, model, template, info=self.info, extra_tensors=extra)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Detector:
-        """Read a file written by :meth:`save`."""
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cpu",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Detector:
+        """Read a file written by :meth:`save`. ``max_pixels`` is the pixel limit of the
+        image files this detector reads (the caller's policy, not the file's)."""
         checkpoint = load_checkpoint(path)
         if checkpoint.template is None:
             raise CheckpointError(f"{path}: checkpoint has no latent template; train it first")
-        det = cls(checkpoint.config, device=device)
+        try:
+            config = checkpoint.config.replace(max_pixels=max_pixels)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        det = cls(config, device=device)
         det.model = checkpoint.model.to(det.device).eval()
         det.template = [t.to(det.device) for t in checkpoint.template]
         if uses_spread(det.config.scoring):
@@ -323,27 +321,27 @@ class Detector:
         items = [images] if single else list(images)
         results = []
         for start in range(0, len(items), batch_size):
-            arrays, names = [], []
+            inputs, shapes, names = [], [], []
             for i, item in enumerate(items[start : start + batch_size]):
                 if isinstance(item, np.ndarray):
                     name = f"array {start + i}"
-                    arrays.append(item)
+                    array = item
                 elif isinstance(item, (str, os.PathLike)):
                     name = str(item)
-                    arrays.append(read_array(item))
+                    array = read_array(item, self.config.max_pixels)
                 else:
                     raise TypeError(
                         "predict takes image paths, numpy arrays, a list of those or a tensor "
                         f"batch; item {start + i} is a {type(item).__name__}"
                     )
+                inputs.append(preprocess.prepare(array, self.config, name))
+                shapes.append(array.shape[:2])
                 names.append(name)
-            batch = torch.stack(
-                [preprocess.prepare(a, self.config, n) for a, n in zip(arrays, names, strict=True)]
-            )
-            maps, scores = self.score_batch(batch, batch_size=batch_size)
+                del array  # only the model-size input is kept for the batch
+            maps, scores = self.score_batch(torch.stack(inputs), batch_size=batch_size)
             self._check_finite(maps, scores, names)
-            for amap, score, array, name in zip(maps, scores, arrays, names, strict=True):
-                full = preprocess.restore_map(amap, array.shape[:2], self.config)
+            for amap, score, shape, name in zip(maps, scores, shapes, names, strict=True):
+                full = preprocess.restore_map(amap, shape, self.config)
                 results.append(self._result(full, float(score), name))
         return results[0] if single else results
 
@@ -359,20 +357,19 @@ class Detector:
         chunks = range(0, len(samples), batch_size)
         for start in progress_bar(chunks, "evaluating", enabled=progress):
             chunk = samples[start : start + batch_size]
-            arrays = [read_array(sample.path) for sample in chunk]
-            batch = torch.stack(
-                [
-                    preprocess.prepare(array, self.config, str(sample.path))
-                    for array, sample in zip(arrays, chunk, strict=True)
-                ]
-            )
-            chunk_maps, chunk_scores = self.score_batch(batch, batch_size=batch_size)
-            del batch
-            for amap, score, array, sample in zip(
-                chunk_maps, chunk_scores, arrays, chunk, strict=True
+            inputs, shapes = [], []
+            for sample in chunk:  # one raw image at a time; the batch holds model inputs
+                array = read_array(sample.path, self.config.max_pixels)
+                inputs.append(preprocess.prepare(array, self.config, str(sample.path)))
+                shapes.append(array.shape[:2])
+                del array
+            chunk_maps, chunk_scores = self.score_batch(torch.stack(inputs), batch_size=batch_size)
+            del inputs
+            for amap, score, shape, sample in zip(
+                chunk_maps, chunk_scores, shapes, chunk, strict=True
             ):
                 maps.append(
-                    preprocess.restore_map(amap, array.shape[:2], self.config)
+                    preprocess.restore_map(amap, shape, self.config)
                     if self.config.geometry == "native"
                     else amap.numpy()
                 )
@@ -380,12 +377,12 @@ class Detector:
                 if sample.mask_path is None:
                     mask = np.zeros(maps[-1].shape, dtype=bool)
                 else:
-                    raw_mask = read_mask(sample.mask_path)
-                    if raw_mask.shape[:2] != array.shape[:2]:  # before any resize hides it
+                    raw_mask = read_mask(sample.mask_path, self.config.max_pixels)
+                    if raw_mask.shape[:2] != shape:  # before any resize hides it
                         raise DataError(
                             f"{sample.mask_path}: mask is {raw_mask.shape[0]}x"
                             f"{raw_mask.shape[1]} but its image {sample.path} is "
-                            f"{array.shape[0]}x{array.shape[1]}"
+                            f"{shape[0]}x{shape[1]}"
                         )
                     mask = preprocess.model_mask(raw_mask, self.config)
                 masks.append(mask)

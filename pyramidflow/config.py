@@ -26,8 +26,10 @@ MVTEC_LEVELS = {"metal_nut": 8, "carpet": 8, "transistor": 8, "screw": 2}
 MEMORY_MODES = ("recompute", "store")
 VOLUME_NORMS = tuple(VN_DIMS)  # ("CVN", "SVN"), as the coupling op knows them
 MAX_LEVELS = 16  # 2^15 px per side at the least: beyond any image
+#: Default pixel limit of the image readers: 2^28 = 16384 x 16384, checked on file headers.
+DEFAULT_MAX_PIXELS = 2**28
 _INTEGER_FIELDS = ("levels", "stacks", "channels", "kernel_size", "in_channels", "batch_size",
-                   "epochs", "seed")  # fmt: skip
+                   "epochs", "seed", "max_pixels")  # fmt: skip
 _REAL_FIELDS = ("clamp", "holdout_fraction", "threshold_quantile", "lr", "eps",
                 "weight_decay", "grad_clip")  # fmt: skip
 GEOMETRIES = ("resize", "native")
@@ -100,6 +102,9 @@ class Config:
     threshold_quantile: float = 0.99
     # anomaly map and image score recipe, one of SCORINGS
     scoring: str = "paper"
+    # image files declaring more pixels than this are refused before decoding (a reading
+    # policy, not part of the model: it may differ between training, resume and prediction)
+    max_pixels: int = DEFAULT_MAX_PIXELS
     # training
     batch_size: int = 2
     epochs: int = 15
@@ -132,6 +137,7 @@ class Config:
         for name in ("stacks", "channels", "in_channels", "batch_size", "epochs"):
             _integer(name, getattr(self, name), 1)
         _integer("seed", self.seed, 0)
+        _integer("max_pixels", self.max_pixels, 1)
         if _integer("kernel_size", self.kernel_size, 1) % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
         for name in ("clamp", "lr", "eps", "grad_clip"):

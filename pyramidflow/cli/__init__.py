@@ -18,6 +18,7 @@ failed), 2 a command-line mistake. User mistakes print one line, no traceback; s
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyramidflow`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("PYRAMIDFLOW_DEBUG"):
+        # tifffile logs what it finds wrong in a damaged file; our one line says it already
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except UsageError as exc:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import DEFAULT_MAX_PIXELS
 from ..health import DEFAULT_THRESHOLD, reconstruction_error
 from ..io.checkpoint import load_checkpoint
 from ..io.images import expand_inputs
 from ..preprocess import load_stack
-from .common import positive
+from .common import add_max_pixels_option, positive
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     exit code 1 when any is above ``--threshold``."""
     paths = expand_inputs(args.images)
     model = load_checkpoint(args.model).model
-    images = load_stack(paths, model.config)
+    images = load_stack(paths, model.config.replace(max_pixels=args.max_pixels))
     errors = reconstruction_error(model, images, batch_size=args.batch_size, device=args.device)
     width = max(len(str(p)) for p in paths)
     for path, error in zip(paths, errors.tolist(), strict=True):
@@ -51,5 +52,6 @@ def add_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         "--batch-size", type=positive(int), default=8, help="images per forward pass"
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_max_pixels_option(parser, DEFAULT_MAX_PIXELS)
     parser.set_defaults(func=run)
     return parser

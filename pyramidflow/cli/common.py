@@ -9,7 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import BACKENDS, MEMORY_MODES, MVTEC_CATEGORIES, SCORINGS, VOLUME_NORMS, Config
+from ..config import (
+    BACKENDS,
+    DEFAULT_MAX_PIXELS,
+    MEMORY_MODES,
+    MVTEC_CATEGORIES,
+    SCORINGS,
+    VOLUME_NORMS,
+    Config,
+)
 from ..errors import PyramidFlowError
 from ..metrics import REPORTED_METRICS
 
@@ -26,6 +34,21 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars (they go to stderr)"
+    )
+
+
+def add_max_pixels_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, default: int | None
+) -> None:
+    """``--max-pixels N``: image files whose header declares more pixels are refused before
+    decoding (``default`` None: the config's, for commands that build one)."""
+    parser.add_argument(
+        "--max-pixels",
+        type=positive(int),
+        default=default,
+        metavar="N",
+        help="refuse image and mask files with more than N pixels, checked on the file "
+        f"header before decoding (default {DEFAULT_MAX_PIXELS} = 16384 x 16384)",
     )
 
 
@@ -74,11 +97,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help="op implementation; auto = Triton on CUDA, torch otherwise",
     )
+    add_max_pixels_option(g, None)
 
 
 FIELD_FLAGS = (
     "levels", "stacks", "channels", "kernel_size", "volume_norm", "epochs", "batch_size", "lr",
-    "augment", "seed", "memory", "backend", "scoring",
+    "augment", "seed", "memory", "backend", "scoring", "max_pixels",
 )  # fmt: skip
 
 

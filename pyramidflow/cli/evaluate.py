@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_MAX_PIXELS
 from .common import (
     add_common_options,
+    add_max_pixels_option,
     check_new_file,
     print_table,
 )
@@ -29,6 +31,7 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_max_pixels_option(p, DEFAULT_MAX_PIXELS)
     add_common_options(p)
     p.set_defaults(func=run)
     return p
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         check_new_file(args.json, args.overwrite)
         args.json.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after evaluating
     folders = [f for root in args.data for f in find_categories(root)]  # check all first
-    detector = Detector.load(args.model, device=args.device)
+    detector = Detector.load(args.model, device=args.device, max_pixels=args.max_pixels)
     rows = {}
     for folder in folders:
         evaluation = detector.evaluate(folder, progress=not args.no_progress)

@@ -8,10 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_MAX_PIXELS
+from ..predict.run import OVERLAY_SIZE
 from .common import (
     PROG,
     UsageError,
     add_common_options,
+    add_max_pixels_option,
     positive,
 )
 
@@ -42,9 +45,26 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
         "--batch-size", type=positive(int), default=8, help="images scored together (default 8)"
     )
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.add_argument(
+        "--overlay-size",
+        type=_overlay_size,
+        default=OVERLAY_SIZE,
+        metavar="PX|full",
+        help="longest side of NAME_overlay.png and NAME_mask.png: larger images get reduced "
+        f"previews (default {OVERLAY_SIZE}); 'full' writes them at the image's own size "
+        "(NAME_map.tiff always is)",
+    )
+    add_max_pixels_option(p, DEFAULT_MAX_PIXELS)
     add_common_options(p)
     p.set_defaults(func=run)
     return p
+
+
+def _overlay_size(text: str) -> int | None:
+    """``--overlay-size``: a positive pixel count, or ``full`` (None: no reduction)."""
+    if text.strip().lower() == "full":
+        return None
+    return int(positive(int)(text))
 
 
 def _output_names(paths: Sequence[Path]) -> list[str]:
@@ -65,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         check_outputs(args.out, names, overwrite=args.overwrite, resume=args.resume, paths=paths)
     except OutputExistsError as exc:
         raise UsageError(str(exc)) from None
-    detector = Detector.load(args.model, device=args.device)
+    detector = Detector.load(args.model, device=args.device, max_pixels=args.max_pixels)
     summary = run_predict(
         detector,
         paths,
@@ -78,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         report=not args.no_report,
         title=f"pyramidflow predictions: {Path(args.model).name}",
         log=lambda message: print(f"{PROG}: {message}", file=sys.stderr),
+        overlay_size=args.overlay_size,
     )
     done = f"scored {summary.scored} image(s) into {summary.out}"
     if summary.resumed:

@@ -148,9 +148,15 @@ def _check_metadata(path: Path, metadata: Mapping[str, str]) -> None:
 
 
 def _model_from_state(path: Path, config: Config, state: dict[str, torch.Tensor]) -> PyramidFlow:
-    with torch.random.fork_rng(devices=[]):  # building draws random inits: keep the caller's
-        model = PyramidFlow(config)
-    expected = model.state_dict()
+    # The stored config is checked against the stored weights on the meta device first (no
+    # memory): a damaged or hostile config must not allocate before it is refused.
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            expected = PyramidFlow(config).state_dict()
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: the stored config does not describe a buildable model ({_first_line(exc)})"
+        ) from None
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     if missing or unexpected:
@@ -171,6 +177,8 @@ def _model_from_state(path: Path, config: Config, state: dict[str, torch.Tensor]
                 f"{path}: weight {key!r} has shape {tuple(state[key].shape)}, the stored config "
                 f"needs {tuple(wanted.shape)}"
             )
+    with torch.random.fork_rng(devices=[]):  # building draws random inits: keep the caller's
+        model = PyramidFlow(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import glob
 import os
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..config import DEFAULT_MAX_PIXELS
 from ..errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_ALWAYS_ALLOWED_TILE = 1024 * 1024  # tiles this size are fine whatever the (small) limit
+_MAX_SAMPLES = 4  # RGBA: the most samples per pixel the limit is meant for
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _CONVERT_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")  # 4-channel CMYK is not RGB + alpha
 
@@ -61,9 +66,6 @@ def _png16_header(path: Path) -> tuple[int, int, int] | None:
 
 def _read_png16(path: Path, height: int, width: int, channels: int) -> np.ndarray:
     """A 16-bit colour PNG as uint16 (H, W, channels), every bit kept (interlaced too)."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and height * width > 2 * limit:  # checked before any decoding
-        raise ValueError(f"{height}x{width} pixels exceeds the decompression bomb limit")
     import imagecodecs
 
     array = imagecodecs.png_decode(path.read_bytes())
@@ -74,37 +76,111 @@ def _read_png16(path: Path, height: int, width: int, channels: int) -> np.ndarra
     return array
 
 
-def read_array(path: str | os.PathLike[str]) -> np.ndarray:
+class ImageTooLargeError(DataError):
+    """An image whose header declares more pixels than the reader's limit allows."""
+
+
+def check_pixel_limit(
+    path: str | os.PathLike[str], height: int, width: int, max_pixels: int
+) -> None:
+    """Raise :class:`ImageTooLargeError` (one line naming the file, its size and the option)
+    when ``height * width`` is above ``max_pixels``."""
+    if height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"{path}: image is {height}x{width} pixels ({height * width / 1e6:.0f} Mpx), above "
+            f"the limit of {max_pixels} pixels; raise it with --max-pixels (Config.max_pixels) "
+            "if the file is trusted"
+        )
+
+
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pillow_open(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` without Pillow's own pixel limit: ours (checked by the caller on the
+    header, before any decoding) replaces it. Pillow's is lower than the default
+    :data:`DEFAULT_MAX_PIXELS` (it refuses 16384 x 16384) and a process-wide setting; it is
+    lifted only while Pillow parses the header."""
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        yield img
+
+
+def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
+    """The first page of a TIFF, its declared size checked before its data are decoded."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.pages:
+            raise ValueError("no image pages")
+        page = tif.pages[0]
+        height, width = int(page.imagelength), int(page.imagewidth)
+        depth, samples = int(page.imagedepth), int(page.samplesperpixel)
+        check_pixel_limit(path, height * max(depth, 1), width, max_pixels)
+        if page.is_tiled:  # the decoder allocates whole tiles, whatever the image size
+            tile = int(page.tilelength) * int(page.tilewidth) * max(int(page.tiledepth), 1)
+            if tile > max(max_pixels, _ALWAYS_ALLOWED_TILE):
+                raise ImageTooLargeError(
+                    f"{path}: TIFF tiles of {page.tilelength}x{page.tilewidth} pixels, above "
+                    f"the limit of {max_pixels} pixels (--max-pixels, Config.max_pixels)"
+                )
+        if height * width * max(depth, 1) * samples > max_pixels * _MAX_SAMPLES:
+            raise ImageTooLargeError(
+                f"{path}: image is {height}x{width} pixels of {samples} samples, more values "
+                f"than {max_pixels} RGBA pixels (--max-pixels, Config.max_pixels)"
+            )
+        return np.asarray(tif.asarray(key=0))  # multi-page: the first page
+
+
+def _read_pillow(path: Path, max_pixels: int) -> np.ndarray:
+    with _pillow_open(path) as img:
+        check_pixel_limit(path, img.height, img.width, max_pixels)
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif img.mode == "I;16B":
+            img = img.convert("I;16")
+        elif img.mode in _CONVERT_TO_RGB:
+            img = img.convert("RGB")
+        array = np.array(img)  # a writable array, as tifffile gives
+        if img.mode == "I" and img.format == "PNG":
+            array = array.astype(np.uint16)  # older Pillow: 16-bit gray PNG as "I"
+    return array
+
+
+def read_array(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """The raw pixel array of an image file: (H, W) or (H, W, C), its own dtype.
 
     TIFFs may be compressed (LZW, deflate, JPEG, PackBits, ...) or tiled; of a multi-page TIFF
-    only the first page is read."""
+    only the first page is read. A file whose header declares more than ``max_pixels``
+    pixels is refused (:class:`ImageTooLargeError`) before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such image file")
     try:
         if path.suffix.lower() in _TIFF_SUFFIXES:
-            import tifffile
-
-            array = np.asarray(tifffile.imread(path, key=0))  # multi-page: the first page
+            array = _read_tiff(path, max_pixels)
         elif (png16 := _png16_header(path)) is not None:
+            check_pixel_limit(path, png16[0], png16[1], max_pixels)
             array = _read_png16(path, *png16)
         else:
-            with Image.open(path) as img:
-                if img.mode == "P":
-                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-                elif img.mode == "I;16B":
-                    img = img.convert("I;16")
-                elif img.mode in _CONVERT_TO_RGB:
-                    img = img.convert("RGB")
-                array = np.array(img)  # a writable array, as tifffile gives
-                if img.mode == "I" and img.format == "PNG":
-                    array = array.astype(np.uint16)  # older Pillow: 16-bit gray PNG as "I"
-    except MemoryError:
+            array = _read_pillow(path, max_pixels)
+    except DataError:
         raise
+    except MemoryError:
+        raise DataError(
+            f"{path}: not enough memory to decode this image; lower --max-pixels to refuse "
+            "such files before decoding"
+        ) from None
     except Exception as exc:
         # Decoders raise more than OSError on damaged files (zlib.error, KeyError for a
-        # missing codec, DecompressionBombError, ...): all of them mean "cannot read".
+        # missing codec, struct.error, ...): all of them mean "cannot read".
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{path}: cannot read image ({message})") from None
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
@@ -138,14 +214,16 @@ def to_channels(array: np.ndarray, channels: int, source: str = "image") -> np.n
     )
 
 
-def read_image(path: str | os.PathLike[str], channels: int = 3) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike[str], channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """An image file as float32 (H, W, channels) in [0, 1]."""
-    return to_channels(read_array(path), channels, str(path))
+    return to_channels(read_array(path, max_pixels), channels, str(path))
 
 
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+def read_mask(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A ground-truth mask file as bool (H, W): any nonzero pixel is defective."""
-    array = read_array(path)
+    array = read_array(path, max_pixels)
     if array.ndim == 3:
         if array.shape[2] in (2, 4):  # gray + alpha, RGB + alpha: opaque alpha is no defect
             array = array[:, :, :-1]
@@ -153,14 +231,37 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
     return array > 0
 
 
+def _area_bins(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of each output cell's input range, as torch's "area"
+    resize (adaptive average pooling) takes them: floor(i * in / out), ceil((i+1) * in / out)."""
+    index = np.arange(size_out, dtype=np.int64)
+    return (index * size_in) // size_out, -((-(index + 1) * size_in) // size_out)
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a bool mask: a pixel is defective when at least half its area is."""
-    if mask.shape == tuple(size):
+    """Resize a bool mask: a pixel is defective when at least half its area is.
+
+    Shrinking counts the defective pixels of each cell in integers, a strip of rows at a
+    time (the same cells and decisions as torch's "area" resize, without a float copy of
+    the mask); enlarging is nearest."""
+    size = (int(size[0]), int(size[1]))
+    if mask.shape == size:
         return mask
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    shrink = size[0] < mask.shape[0] or size[1] < mask.shape[1]
-    mode = "area" if shrink else "nearest"
-    return (F.interpolate(t, size=size, mode=mode)[0, 0] >= 0.5).numpy()
+    if size[0] >= mask.shape[0] and size[1] >= mask.shape[1]:
+        t = torch.from_numpy(mask.astype(np.float32))[None, None]
+        return (F.interpolate(t, size=size, mode="nearest")[0, 0] >= 0.5).numpy()
+    row_start, row_end = _area_bins(mask.shape[0], size[0])
+    col_start, col_end = _area_bins(mask.shape[1], size[1])
+    per_row = np.empty((mask.shape[0], size[1]), dtype=np.int64)  # defects per row and cell
+    rows = max(1, 2**22 // max(1, mask.shape[1]))
+    for start in range(0, mask.shape[0], rows):
+        running = np.cumsum(mask[start : start + rows], axis=1, dtype=np.int64)
+        running = np.concatenate([np.zeros((running.shape[0], 1), np.int64), running], axis=1)
+        per_row[start : start + rows] = running[:, col_end] - running[:, col_start]
+    running = np.concatenate([np.zeros((1, size[1]), np.int64), np.cumsum(per_row, axis=0)])
+    counts = running[row_end] - running[row_start]
+    area = (row_end - row_start)[:, None] * (col_end - col_start)[None, :]
+    return 2 * counts >= area
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:

@@ -28,9 +28,11 @@ JOURNAL_VERSION = 1
 
 
 def model_key(detector: Detector) -> str:
-    """A fingerprint of the model: rows of another model must not be resumed."""
+    """A fingerprint of the model: rows of another model must not be resumed (the reading
+    policy ``max_pixels`` is not part of the model)."""
+    config = {k: v for k, v in detector.config.to_dict().items() if k != "max_pixels"}
     payload = json.dumps(
-        {"config": detector.config.to_dict(), "info": detector.info, "t": detector.threshold},
+        {"config": config, "info": detector.info, "t": detector.threshold},
         sort_keys=True,
         default=str,
     )
@@ -94,8 +96,24 @@ class Journal:
         self._handle.close()
 
 
+# A spreadsheet evaluates a cell that starts with one of these as a formula (tab and
+# carriage return too: some programs strip them and read on).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(value: Any) -> Any:
+    """A text cell as a spreadsheet shows it without evaluating it: text starting with
+    ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a leading apostrophe (the
+    convention spreadsheets read as "this is text"); numbers are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_tables(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write ``scores.csv`` and ``scores.json`` (the :data:`COLUMNS` of ``rows``) atomically."""
+    """Write ``scores.csv`` and ``scores.json`` (the :data:`COLUMNS` of ``rows``) atomically.
+    Text cells of the CSV are guarded against formula evaluation (:func:`spreadsheet_text`);
+    the JSON keeps them as they are."""
     records = [{c: row.get(c, "") for c in COLUMNS} for row in rows]
 
     def write_csv(handle: IO[bytes]) -> None:
@@ -103,7 +121,8 @@ def write_tables(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer = csv.DictWriter(text, fieldnames=list(COLUMNS))
         writer.writeheader()
         for record in records:
-            writer.writerow({**record, "score": "" if record["score"] is None else record["score"]})
+            cells = {k: spreadsheet_text(v) for k, v in record.items()}
+            writer.writerow({**cells, "score": "" if record["score"] is None else record["score"]})
         text.flush()
         text.detach()
 

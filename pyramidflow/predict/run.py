@@ -8,11 +8,17 @@ folder:
 * ``NAME_mask.png``: 0/255 uint8, the map at or above the model's threshold (only when
   the model has a threshold);
 
+overlay and mask at most ``overlay_size`` pixels on their longer side (the image's own
+resolution when it is smaller, or with ``overlay_size=None``);
+
 and for the run: ``scores.jsonl`` (one JSON line per finished image, appended and
 flushed as it goes: the journal ``resume=True`` continues from), and at the end
 ``scores.csv``, ``scores.json`` (one row per image: file, score, decision, map, overlay,
 mask) and ``report.html``. Memory does not grow with the number of images: only one
-batch of images and maps is held at a time. Every file is written to a temporary file in
+batch of model inputs and model-size maps is held at a time. Nor does it hold several
+full-resolution float copies of an image: each file is decoded once, converted and
+resized in row strips, and the map is written to its TIFF in row strips computed from
+the model-size map. Every file is written to a temporary file in
 the same folder and renamed into place, so a killed run never leaves half a file.
 """
 
@@ -60,24 +66,92 @@ def _number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+#: Default longest side of the overlay and mask PNGs; larger images get a reduced preview.
+OVERLAY_SIZE = 2048
+
+
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     from PIL import Image
 
     atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
 
 
-def _write_outputs(
-    out: Path, name: str, pixels: np.ndarray, amap: np.ndarray, threshold: float | None
-) -> dict[str, str]:
+def _write_map(path: Path, strips: Iterator[np.ndarray], shape: tuple[int, int]) -> None:
+    """The float32 map TIFF, fed row by row from ``strips`` (tifffile streams an iterator
+    to the file: the whole map is never in memory)."""
     import tifffile
 
-    files = {"map": f"{name}_map.tiff", "overlay": f"{name}_overlay.png", "mask": ""}
-    atomic_write(out / files["map"], lambda f: tifffile.imwrite(f, amap))
-    heat = colorize(amap, *heat_range(amap, threshold))
-    _write_png(out / files["overlay"], overlay(to_display(pixels), heat))
-    if threshold is not None:
-        files["mask"] = f"{name}_mask.png"
-        _write_png(out / files["mask"], mask_image(amap >= threshold))
+    def rows() -> Iterator[np.ndarray]:
+        for strip in strips:
+            yield from strip
+
+    atomic_write(path, lambda f: tifffile.imwrite(f, rows(), shape=shape, dtype=np.float32))
+
+
+def preview_shape(shape: tuple[int, int], longest: int | None) -> tuple[int, int]:
+    """``shape`` scaled down so that its longer side is at most ``longest`` (``None``: the
+    shape itself)."""
+    height, width = int(shape[0]), int(shape[1])
+    if longest is None or max(height, width) <= longest:
+        return height, width
+    scale = longest / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+@dataclass
+class _Scored:
+    """One image of a batch between reading and writing: the model-size input is in the
+    batch; of the pixels only what the overlay needs is kept (a preview, unless the
+    overlay is full size)."""
+
+    path: Path
+    name: str
+    shape: tuple[int, int]
+    display: np.ndarray  # the pixels at the overlay's size
+
+
+def _display_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The pixels at the overlay's size: as they are, or reduced (antialiased, in strips)
+    with their type's meaning kept (8-bit stays 8-bit, so it is shown unstretched)."""
+    if tuple(pixels.shape[:2]) == tuple(size):
+        return pixels
+    if pixels.dtype == np.bool_:
+        pixels = pixels.astype(np.uint8) * np.uint8(255)
+    reduced = preprocess.shrink_array(pixels, size)
+    if pixels.dtype == np.uint8:
+        return np.clip(np.rint(reduced), 0, 255).astype(np.uint8)
+    return reduced
+
+
+def _write_outputs(
+    out: Path,
+    item: _Scored,
+    small: Any,
+    config: Any,
+    threshold: float | None,
+) -> dict[str, str]:
+    files = {"map": f"{item.name}_map.tiff", "overlay": f"{item.name}_overlay.png", "mask": ""}
+    _write_map(out / files["map"], preprocess.map_strips(small, item.shape, config), item.shape)
+    size = tuple(item.display.shape[:2])
+    if size == tuple(item.shape):
+        amap = preprocess.restore_map(small, item.shape, config)
+    else:
+        amap = preprocess.reduced_map(small, item.shape, size, config)
+    low, high = heat_range(amap, threshold)
+    picture = to_display(item.display)
+    mask = None if threshold is None else np.empty(amap.shape, np.uint8)
+    # colouring and blending take ~50 bytes per pixel: a strip of rows at a time
+    rows = max(1, 2**20 // max(1, amap.shape[1]))
+    for start in range(0, amap.shape[0], rows):
+        part = slice(start, start + rows)
+        picture[part] = overlay(picture[part], colorize(amap[part], low, high))
+        if mask is not None:
+            mask[part] = mask_image(amap[part] >= threshold)
+    _write_png(out / files["overlay"], picture)
+    del picture
+    if mask is not None:
+        files["mask"] = f"{item.name}_mask.png"
+        _write_png(out / files["mask"], mask)
     return files
 
 
@@ -113,6 +187,7 @@ def run_predict(
     report: bool = True,
     title: str | None = None,
     log: Callable[[str], None] = _stderr,
+    overlay_size: int | None = OVERLAY_SIZE,
 ) -> PredictSummary:
     """Score ``paths`` with ``detector`` into the folder ``out`` (see the module doc).
 
@@ -121,10 +196,14 @@ def run_predict(
     whose output files exist; without ``resume`` or ``overwrite`` earlier results in
     ``out`` raise :class:`OutputExistsError` before any work. ``labels`` (a function of the
     path, or a mapping from ``str(path)``) give the report's good/defective histogram,
-    e.g. :func:`mvtec_label`.
+    e.g. :func:`mvtec_label`. ``overlay_size``: the longest side of overlay and mask PNGs
+    (``None``: the image's own size; the map TIFF is always at the image's own size).
+    Image files above ``detector.config.max_pixels`` pixels are refused on their header.
     """
     if batch_size < 1:
         raise PyramidFlowError(f"batch size must be >= 1, got {batch_size}")
+    if overlay_size is not None and overlay_size < 1:
+        raise PyramidFlowError(f"overlay size must be >= 1 pixel, got {overlay_size}")
     out = Path(out)
     paths = [Path(p) for p in paths]
     names = output_names(paths)
@@ -171,7 +250,8 @@ def run_predict(
     bar = counter_bar(len(todo), "predicting", enabled=progress)
     try:
         for batch in _batches(todo, batch_size):
-            for row in _score_batch(detector, batch, out, threshold, summary, log):
+            scored = _score_batch(detector, batch, out, threshold, summary, log, overlay_size)
+            for row in scored:
                 journal.append(row)
                 done[row["name"]] = row
                 summary.scored += 1
@@ -200,35 +280,42 @@ def _score_batch(
     threshold: float | None,
     summary: PredictSummary,
     log: Callable[[str], None],
+    overlay_size: int | None,
 ) -> Iterator[dict[str, Any]]:
     """Read, score and write one batch; yields the journal row of each finished image."""
     import torch
 
-    ready: list[tuple[Path, str, np.ndarray]] = []
+    config = detector.config
+    ready: list[_Scored] = []
     tensors = []
     for path, name in batch:
         try:
-            pixels = read_array(path)
-            tensors.append(preprocess.prepare(pixels, detector.config, str(path)))
+            pixels = read_array(path, config.max_pixels)
+            tensor = preprocess.prepare(pixels, config, str(path))
+            size = preview_shape(pixels.shape[:2], overlay_size)
+            item = _Scored(path, name, pixels.shape[:2], _display_pixels(pixels, size))
         except PyramidFlowError as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log(f"skipped {path}: {message.removeprefix(f'{path}: ')}")
             summary.failed.append((str(path), message))
             continue
-        ready.append((path, name, pixels))
+        finally:
+            pixels = None  # the raw image is not kept beside the batch
+        tensors.append(tensor)
+        ready.append(item)
     if not ready:
         return
     maps, scores = detector.score_batch(torch.stack(tensors), batch_size=len(tensors))
-    for (path, name, pixels), small, score in zip(ready, maps, scores, strict=True):
-        amap = preprocess.restore_map(small, pixels.shape[:2], detector.config)
-        files = _write_outputs(out, name, pixels, amap, threshold)
+    del tensors
+    for item, small, score in zip(ready, maps, scores, strict=True):
+        files = _write_outputs(out, item, small, config, threshold)
         value = float(score)
         decision = ""
         if threshold is not None and math.isfinite(value):
             decision = "anomalous" if value >= threshold else "good"
         yield {
-            "file": str(path),
-            "name": name,
+            "file": str(item.path),
+            "name": item.name,
             "score": _number(value),
             "decision": decision,
             **files,

@@ -23,8 +23,9 @@ from ..model.flow import PyramidFlow
 
 TRAINING_STATE = "training_state"
 # Config fields a resume may change: they do not change what is computed (epochs only
-# says where to stop; memory/backend change rounding, not the result).
-_RESUMABLE_CHANGES = frozenset({"epochs", "memory", "backend", "category", "extra"})
+# says where to stop; memory/backend change rounding, not the result; max_pixels is a
+# reading policy).
+_RESUMABLE_CHANGES = frozenset({"epochs", "memory", "backend", "category", "extra", "max_pixels"})
 _OPTIMIZER_PREFIX = "optimizer."
 
 
@@ -185,7 +186,7 @@ def _check_resumable(
     if changed:
         raise TrainingError(
             f"{path}: cannot resume with a different config ({', '.join(changed)} changed); "
-            "only epochs, memory and backend may change"
+            "only epochs, memory, backend and max_pixels may change"
         )
     if info["images"] != fingerprint:
         raise TrainingError(f"{path}: was trained on other images; cannot resume on these")
