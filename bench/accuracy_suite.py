@@ -5,13 +5,12 @@ training recipe (``pyramidflow.Detector``; augmentation for the textures, as the
 does for MVTec textures), then every scoring recipe applied to the same latents:
 
 - ``paper``: map = mean_c Compose(|z - T|), score = max of the map (method section 8);
-- ``paper+blur``: the same map smoothed by a Gaussian (sigma = 4 px at 256 px, scaled with
-  the size), score = max of the smoothed map;
-- ``znorm+blur``: each level's residual divided by the good images' standard deviation of
-  that latent element, |z - T| / s (per level, channel and pixel), composed, smoothed;
-- ``znorm-pooled+blur``: the same with s pooled over positions (per level and channel),
-  for stationary textures;
-- ``znorm+blur+top1%``: ``znorm+blur`` with the image score the mean of the top 1 % pixels.
+- ``znorm``: each level's residual divided by the good images' standard deviation of
+  that latent element, |z - T| / s, composed and smoothed (Gaussian, sigma 4 px per 256);
+- ``relative``: ``znorm`` on latents standardized per image and channel, the smoothed map
+  divided by its own mean (method section 8);
+- ``relative+tta``: ``relative`` averaged over the 8 flips and quarter turns of the image
+  (the texture augmentation's group), each map turned back first.
 
 T and s come from the good training images only. Also: a trivial baseline that needs no
 model (per-pixel mean and standard deviation of the raw pixels over the good training
@@ -19,7 +18,9 @@ images, map = mean over colours of |x - mean| / std, smoothed like the others), 
 recipe a label-free rule picks per category: synthetic defects (a noise blob, a patch
 cut from elsewhere in the same image, a line) pasted into the held-out good images, the
 recipe with the best mean of pixel and image AUROC on them; the report says how often
-that pick is the recipe that is best on the real test labels.
+that pick is the recipe that is best on the real test labels. Per recipe, the threshold is
+the library's (the ``threshold_quantile`` of the held-out good images' scores); the tables
+give the share of good test images above it (false alarms) and of defective ones (detected).
 
 Writes ``accuracy_suite.json`` and ``.md`` under ``--out``.
 
@@ -47,14 +48,14 @@ from pyramidflow import Config, Detector  # noqa: E402
 from pyramidflow.io.datasets import open_category  # noqa: E402
 from pyramidflow.io.images import read_mask  # noqa: E402
 from pyramidflow.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
-from pyramidflow.model.scoring import gaussian_blur  # noqa: E402
+from pyramidflow.model.scoring import anomaly_maps, gaussian_blur, smoothing_sigma  # noqa: E402
 from pyramidflow.preprocess import load_stack, model_mask  # noqa: E402
 from pyramidflow.training.template import (  # noqa: E402
-    SPREAD_FLOOR,
+    compute_template,
     compute_template_and_spread,
 )
 
-RECIPES = ("paper", "paper+blur", "znorm+blur", "znorm-pooled+blur", "znorm+blur+top1%")
+RECIPES = ("paper", "znorm", "relative", "relative+tta")
 TEXTURES = ("fractal", "pebbles", "fibres")
 
 
@@ -65,38 +66,43 @@ def latents_of(detector: Detector, images: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(level) for level in zip(*parts, strict=True)]
 
 
-def pooled_spread(latents: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Standard deviation of each level's channels over the good images and all positions
-    (floored like the library's per-element spread), shaped (C, 1, 1)."""
-    out = []
-    for z in latents:
-        var = z.double().var(dim=(0, 2, 3))[:, None, None]
-        out.append((var + SPREAD_FLOOR * var.mean()).sqrt().float())
-    return out
+def dihedral(images: torch.Tensor, index: int) -> torch.Tensor:
+    """One of the 8 flips and quarter turns (the texture augmentation's group)."""
+    flipped = images.flip(-1) if index >= 4 else images
+    return torch.rot90(flipped, index % 4, (-2, -1))
 
 
-def recipe_maps(
-    detector: Detector,
-    latents: list[torch.Tensor],
-    recipe: str,
-    stats: dict[str, list[torch.Tensor]],
-    sigma: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maps (N, H, W), scores (N,)) of one recipe."""
-    template = detector.template
-    if recipe.startswith("znorm"):
-        scale = stats["pooled" if "pooled" in recipe else "pixel"]
-        latents = [z / s for z, s in zip(latents, scale, strict=True)]
-        template = [t / s for t, s in zip(template, scale, strict=True)]
-    maps, scores = detector.model.anomaly_map(latents, template)
-    if "blur" in recipe:
-        maps = gaussian_blur(maps, sigma)
-        scores = maps.flatten(1).amax(1)
-    if recipe.endswith("top1%"):
-        flat = maps.flatten(1)
-        k = max(1, flat.shape[1] // 100)
-        scores = flat.topk(k, dim=1).values.mean(1)
-    return maps, scores
+def undo_dihedral(maps: torch.Tensor, index: int) -> torch.Tensor:
+    turned = torch.rot90(maps, -(index % 4), (-2, -1))
+    return turned.flip(-1) if index >= 4 else turned
+
+
+class Scorer:
+    """Every recipe's template and spread from the good training images of one model."""
+
+    def __init__(self, detector: Detector, train_images: torch.Tensor) -> None:
+        self.model = detector.model.eval()
+        self.stats = {"paper": (compute_template(self.model, train_images), None)}
+        for recipe in ("znorm", "relative"):
+            self.stats[recipe] = compute_template_and_spread(
+                self.model, train_images, recipe=recipe
+            )
+
+    def __call__(self, images: torch.Tensor, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps (N, H, W), scores (N,)) of one recipe; ``+tta``: the maps of the 8 flipped
+        and turned copies turned back and averaged, score = max of that."""
+        base, _, tta = recipe.partition("+")
+        template, spread = self.stats[base]
+        if not tta:
+            return anomaly_maps(self.model, template, images, spread=spread, recipe=base)
+        maps = []
+        for view in range(8):
+            amap, _ = anomaly_maps(
+                self.model, template, dihedral(images, view), spread=spread, recipe=base
+            )
+            maps.append(undo_dihedral(amap, view))
+        mean = torch.stack(maps).mean(0)
+        return mean, mean.flatten(1).amax(1)
 
 
 def baseline_maps(
@@ -107,14 +113,26 @@ def baseline_maps(
     return maps, maps.flatten(1).amax(1)
 
 
-def metrics(maps: torch.Tensor, scores: torch.Tensor, masks: np.ndarray) -> dict[str, float]:
+def metrics(
+    maps: torch.Tensor,
+    scores: torch.Tensor,
+    masks: np.ndarray,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """Pixel and image AUROC, AUPRO@0.3 and, given the threshold, the false-alarm rate
+    (good images scored above it) and the detection rate (defective images above it)."""
     labels = masks.reshape(masks.shape[0], -1).any(1)
     maps_np = maps.numpy()
-    return {
+    out = {
         "pixel_auroc": pixel_auroc(maps_np, masks),
         "image_auroc": image_auroc(scores.numpy(), labels),
         "aupro": aupro(maps_np, masks),
     }
+    if threshold is not None:
+        above = scores.numpy() > threshold
+        out["false_alarms"] = float(above[~labels].mean())
+        out["detected"] = float(above[labels].mean())
+    return out
 
 
 def synthetic_defects(
@@ -198,19 +216,21 @@ def run_category(folder: Path, category: str, seed: int, args: argparse.Namespac
         np.zeros(config.image_size, bool)
         for s in data.test
     ])  # fmt: skip
-    _, per_element = compute_template_and_spread(detector.model, train_images)
-    stats = {"pixel": per_element, "pooled": pooled_spread(latents_of(detector, train_images))}
-    sigma = 4.0 * args.size / 256
-    test_latents = latents_of(detector, test_images)
-    rows = {
-        r: metrics(*recipe_maps(detector, test_latents, r, stats, sigma), masks) for r in RECIPES
-    }
-    rows["baseline"] = metrics(*baseline_maps(train_images, test_images, sigma), masks)
+    scorer = Scorer(detector, train_images)
+    quantile = config.threshold_quantile
+    rows = {}
+    for r in RECIPES:
+        _, held_scores = scorer(held_images, r)
+        threshold = float(np.quantile(held_scores.numpy(), quantile))
+        rows[r] = metrics(*scorer(test_images, r), masks, threshold)
+    sigma = smoothing_sigma(args.size)
+    _, held_scores = baseline_maps(train_images, held_images, sigma)
+    threshold = float(np.quantile(held_scores.numpy(), quantile))
+    rows["baseline"] = metrics(*baseline_maps(train_images, test_images, sigma), masks, threshold)
     synthetic, synthetic_masks = synthetic_defects(held_images, np.random.default_rng(seed))
-    synthetic_latents = latents_of(detector, synthetic)
     picks = {}
     for r in RECIPES:
-        m = metrics(*recipe_maps(detector, synthetic_latents, r, stats, sigma), synthetic_masks)
+        m = metrics(*scorer(synthetic, r), synthetic_masks)
         picks[r] = (m["pixel_auroc"] + m["image_auroc"]) / 2
     chosen = max(picks, key=picks.get)
     rows["auto"] = dict(rows[chosen])
@@ -270,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         f"mean ± std over seeds {args.seeds}; `{meta['command']}`",
         "",
     ]
-    for metric in ("pixel_auroc", "image_auroc", "aupro"):
+    for metric in ("pixel_auroc", "image_auroc", "aupro", "false_alarms", "detected"):
         lines += [f"**{metric}**", "", "| category | " + " | ".join(names) + " |",
                   "|---" * (len(names) + 1) + "|"]  # fmt: skip
         for category in [*args.categories, "mean"]:

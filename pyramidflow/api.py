@@ -32,7 +32,7 @@ from .metrics import evaluate_maps, f1_max
 from .model.flow import PyramidFlow
 from .model.scoring import anomaly_maps, uses_spread
 from .progress import progress_bar
-from .training.loop import train
+from .training.loop import resolve_augment, train
 from .training.template import compute_template, compute_template_and_spread
 
 ImageLike = str | os.PathLike[str] | np.ndarray
@@ -116,6 +116,7 @@ class Detector:
             self.config, images = preprocess.fit_stack(
                 self._training_items(source), self.config, progress=progress
             )
+        self.config, stationarity = resolve_augment(self.config, images)
         n = images.shape[0]
         fit_part, held_out = self._split(n)
         train_images = images if len(fit_part) == n else images[fit_part]
@@ -157,6 +158,10 @@ class Detector:
             "epoch_losses": report.epoch_losses,
             "train_seconds": round(report.seconds, 3),
         }
+        if stationarity is not None:
+            # augment="auto": what decided it (docs/method.md section 7)
+            self.info["augment_auto"] = {"stationarity_ratio": stationarity,
+                                         "augment": self.config.augment}  # fmt: skip
         if report.start_epoch:
             self.info["resumed_at_epoch"] = report.start_epoch
         if eval_data is not None:

@@ -113,7 +113,9 @@ class Config:
     eps: float = 1e-4
     weight_decay: float = 1e-5
     grad_clip: float = 1.0
-    augment: bool = False
+    # texture augmentation (flips, quarter turns): True, False, or "auto" (decided from the
+    # good images at fit time, see training.loop.resolve_augment; saved resolved)
+    augment: bool | str = False
     seed: int = 0
     category: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -147,8 +149,8 @@ class Config:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two values in [0, 1), got {list(self.betas)}")
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be true or false, got {self.augment!r}")
+        if not isinstance(self.augment, bool) and self.augment != "auto":
+            raise ValueError(f"augment must be true, false or 'auto', got {self.augment!r}")
         if self.category is not None and not isinstance(self.category, str):
             raise ValueError(f"category must be a name or null, got {self.category!r}")
         if not isinstance(self.extra, dict):

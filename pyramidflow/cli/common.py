@@ -75,10 +75,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="Adam learning rate (paper 2e-4)")
     g.add_argument(
         "--augment",
-        action=argparse.BooleanOptionalAction,
+        nargs="?",
+        const=True,
         default=None,
-        help="texture augmentation: random flips and rot90 (paper: textures only)",
+        type=_augment_choice,
+        metavar="auto",
+        help="texture augmentation: random flips and rot90 (paper: textures only); "
+        "'--augment auto' decides from the good images (on for stationary textures)",
     )
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation")
     g.add_argument("--seed", type=int, help="seed of initialisation, shuffling, augmentation")
     g.add_argument(
         "--memory",
@@ -104,6 +109,12 @@ FIELD_FLAGS = (
     "levels", "stacks", "channels", "kernel_size", "volume_norm", "epochs", "batch_size", "lr",
     "augment", "seed", "memory", "backend", "scoring", "max_pixels",
 )  # fmt: skip
+
+
+def _augment_choice(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected 'auto' or nothing, got {text!r}")
+    return text
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

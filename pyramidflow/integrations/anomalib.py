@@ -152,6 +152,11 @@ class Pyramidflow(AnomalibModule):
         evaluator: Any = True,
         visualizer: Any = True,
     ) -> None:
+        if augment == "auto":
+            raise ValueError(
+                "augment='auto' decides from the whole good set before training, which an "
+                "anomalib datamodule does not give the model: pass augment=True for textures"
+            )
         config = Config(
             levels=levels, stacks=stacks, channels=channels, kernel_size=kernel_size,
             volume_norm=volume_norm, image_size=image_size, clamp=clamp, memory=memory,

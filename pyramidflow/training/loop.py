@@ -240,6 +240,34 @@ def check_finite(loss: float, grad_norm: float, epoch: int, step: int) -> None:
         )
 
 
+#: ``augment="auto"`` augments when the good images' mean image has less spatial structure
+#: than this fraction (plus 2 / number of images) of how much a position varies over the
+#: images: a stationary texture (ratio about 1 / number of images: the mean image is flat
+#: up to sampling noise) rather than a registered object (ratio >> 1: measured 6-40).
+TEXTURE_RATIO = 0.5
+
+
+def stationarity_ratio(images: torch.Tensor) -> float:
+    """Variance over positions of the mean image (over images and colours) divided by the
+    mean over positions of each position's variance over the images; images (N, C, H, W)."""
+    if images.shape[0] < 2:
+        raise ValueError("deciding augment='auto' needs at least two good images")
+    gray = images.double().mean(1)
+    between = gray.mean(0).var(unbiased=False)
+    within = gray.var(0, unbiased=False).mean()
+    return float(between / within) if within > 0 else float("inf")
+
+
+def resolve_augment(config: Config, images: torch.Tensor) -> tuple[Config, float | None]:
+    """``config`` with ``augment="auto"`` decided from the good images (N, C, H, W): on for
+    stationary textures (:func:`stationarity_ratio` below ``TEXTURE_RATIO + 2 / N``), off for
+    registered objects; returns the ratio too (None when nothing was decided)."""
+    if config.augment != "auto":
+        return config, None
+    ratio = stationarity_ratio(images)
+    return config.replace(augment=ratio < TEXTURE_RATIO + 2 / images.shape[0]), ratio
+
+
 def _train_step(run: _Run, net: torch.nn.Module, index: torch.Tensor, epoch: int) -> float:
     """One optimizer step on the images at ``index`` (this rank's share of them); returns
     the loss (the mean over ranks). Non-finite values raise before the step."""
@@ -376,7 +404,7 @@ def train(
     ``data_parallel`` (default: whether a process group of > 1 process is initialized)
     trains with DistributedDataParallel; ``config.batch_size`` is then per rank.
     """
-    config = config or model.config
+    config, _ = resolve_augment(config or model.config, images)
     _check_arguments(config, checkpoint_every, checkpoint_every_steps, pair_groups)
     data_parallel = _resolve_data_parallel(data_parallel, pair_groups)
     world = distributed.world_size() if data_parallel else 1
