@@ -1,8 +1,9 @@
-"""The ``paper`` and ``znorm`` scoring recipes on the demo's categories, same models.
+"""Every scoring recipe (``paper``, ``znorm``, ``relative``) on the demo's categories, same
+models.
 
 Trains the demo (``pyramidflow demo``'s models and data, into ``--out``), then evaluates
-every category's test split with the paper's recipe and with ``znorm`` (the spread from
-the same good images the template comes from). Writes ``scoring_on_demo.json`` and
+every category's test split with each recipe (template and spread from the same good
+images, the threshold from the same held-out ones). Writes ``scoring_on_demo.json`` and
 ``.md`` under ``--results``.
 
 Run: ``python bench/scoring_on_demo.py``
@@ -15,18 +16,20 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from checkout import ensure_kernels_importable, run_metadata
 
 ensure_kernels_importable()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pyramidflow import Detector  # noqa: E402
+from pyramidflow.config import SCORINGS  # noqa: E402
 from pyramidflow.demo import run_demo  # noqa: E402
 from pyramidflow.io.datasets import open_category  # noqa: E402
 from pyramidflow.preprocess import load_stack  # noqa: E402
 from pyramidflow.training.template import compute_template_and_spread  # noqa: E402
 
-METRICS = ("pixel_auroc", "image_auroc", "aupro")
+METRICS = ("pixel_auroc", "image_auroc", "aupro", "good_flagged")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,28 +44,35 @@ def main(argv: list[str] | None = None) -> None:
         detector = Detector.load(args.out / category / "model.safetensors")
         folder = args.out / "data" / category
         data = open_category(folder)
-        fit_part, _ = detector._split(len(data.train))
+        fit_part, held_out = detector._split(len(data.train))
         images = load_stack([data.train[i] for i in fit_part], detector.config)
-        paper = detector.evaluate(folder).metrics
-        detector.template, detector.spread = compute_template_and_spread(detector.model, images)
-        detector.config = detector.config.replace(scoring="znorm")
-        znorm = detector.evaluate(folder).metrics
-        rows[category] = {"paper": {k: paper[k] for k in METRICS},
-                          "znorm": {k: znorm[k] for k in METRICS}}  # fmt: skip
+        held = load_stack([data.train[i] for i in held_out], detector.config)
+        rows[category] = {}
+        for recipe in SCORINGS:
+            detector.config = detector.config.replace(scoring=recipe)
+            detector.template, spread = compute_template_and_spread(
+                detector.model, images, recipe=recipe
+            )
+            detector.spread = None if recipe == "paper" else spread
+            _, held_scores = detector.score_batch(held)
+            quantile = detector.config.threshold_quantile
+            detector.threshold = float(np.quantile(held_scores.numpy(), quantile))
+            metrics = detector.evaluate(folder).metrics
+            rows[category][recipe] = {k: metrics[k] for k in METRICS}
         print(category, json.dumps(rows[category]), flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "scoring_on_demo.json").write_text(
         json.dumps({**meta, "categories": rows}, indent=1) + "\n"
     )
     lines = [
-        f"Demo categories, same models, paper vs znorm scoring; {meta['device_name']}, torch "
+        f"Demo categories, same models, every scoring recipe; {meta['device_name']}, torch "
         f"{meta['torch']}. `{meta['command']}`",
         "",
-        "| category | " + " | ".join(f"{m} paper | {m} znorm" for m in METRICS) + " |",
-        "|---" * (1 + 2 * len(METRICS)) + "|",
+        "| category | " + " | ".join(f"{m} {r}" for m in METRICS for r in SCORINGS) + " |",
+        "|---" * (1 + len(SCORINGS) * len(METRICS)) + "|",
     ]
     for category, row in rows.items():
-        cells = " | ".join(f"{row['paper'][m]:.4f} | {row['znorm'][m]:.4f}" for m in METRICS)
+        cells = " | ".join(f"{row[r][m]:.4f}" for m in METRICS for r in SCORINGS)
         lines.append(f"| {category} | {cells} |")
     (args.results / "scoring_on_demo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

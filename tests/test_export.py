@@ -34,8 +34,9 @@ def random_model(volume_norm: str = "CVN", seed: int = 0) -> tuple[PyramidFlow, 
     non-zero running means) and a template of the right shapes."""
     torch.manual_seed(seed)
     config = Config(
-        image_size=SIZE, levels=3, stacks=2, channels=8, kernel_size=3, volume_norm=volume_norm
-    )
+        image_size=SIZE, levels=3, stacks=2, channels=8, kernel_size=3, volume_norm=volume_norm,
+        scoring="paper",  # the template below is the paper's
+    )  # fmt: skip
     model = PyramidFlow(config)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

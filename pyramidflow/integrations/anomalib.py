@@ -139,7 +139,7 @@ class Pyramidflow(AnomalibModule):
         clamp: float = 2.0,
         memory: str = "recompute",
         backend: str = "auto",
-        scoring: str = "paper",
+        scoring: str = "relative",
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.9),
         eps: float = 1e-4,

@@ -194,7 +194,11 @@ def load_checkpoint(
     metadata, tensors = _read(path)
     _check_metadata(path, metadata)
     try:
-        config = Config.from_json(metadata.get("config", ""))
+        values = json.loads(metadata.get("config", ""))
+        if isinstance(values, dict):
+            # files written before scoring recipes existed were scored the paper's way
+            values.setdefault("scoring", "paper")
+        config = Config.from_dict(values)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad config in checkpoint: {_first_line(exc)}") from None
     try:

@@ -354,6 +354,7 @@ def _config_from_npz(reader: _NpzReader, state_dict: Mapping[str, Any], image_si
             batch_size=int(reader.scalar("batch_size")) if "batch_size" in reader.keys else 2,
             augment=category in MVTEC_TEXTURES,
             category=category,
+            scoring="paper",  # the authors' model, scored their way
         )
     except ValueError as exc:
         raise ReferenceImportError(f"{path}: {exc}") from None
