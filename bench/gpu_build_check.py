@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -395,6 +396,7 @@ _CONVERT_LAYOUT = re.compile(r"\bttg\.convert_layout\b")
 HELD_FACTS = ("registers", "spill_bytes", "bar_sync", "convert_layout", "ld_scalar", "st_scalar")
 FACTS = (*HELD_FACTS, "ld_vector", "st_vector", "bytes_per_program")
 BASELINE = HERE / "results" / "kernel_facts.json"
+DUMP_ENV = "PYRAMIDFLOW_DUMP_KERNELS"
 FACT_SOURCES = ("_triton_utils.py", "pyramid_triton.py", "coupling_triton.py", "loss_map_triton.py")
 
 
@@ -503,6 +505,13 @@ def compile_task(task: dict[str, Any]) -> dict[str, Any]:
     result["ptx_global"] = counts
     result["vectorized"] = bool(sum(counts["ld"][w] + counts["st"][w] for w in ("v4", "v2")))
     result["vectors"] = describe_vectors(counts)
+    dump = os.environ.get(DUMP_ENV)
+    if dump:  # the compiled code, for reading (``--dump DIR``)
+        key = config_key(result)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+        stem = Path(dump) / f"{result['target']}{result['kernel']}.{digest}"
+        for kind in ("ttgir", "ptx"):
+            stem.with_suffix(f".{kind}").write_text(compiled.asm[kind])
     result["bar_sync"] = barrier_count(compiled.asm["ptx"])
     result["convert_layout"] = convert_layout_count(compiled.asm["ttgir"])
     result["facts"] = facts_of(result)
@@ -537,8 +546,6 @@ def config_key(result: dict[str, Any]) -> str:
 
 def source_digests() -> dict[str, str]:
     """sha256 of each kernel source the facts depend on (kernels and launchers)."""
-    import hashlib
-
     return {
         name: hashlib.sha256((ROOT / "kernels" / name).read_bytes()).hexdigest()
         for name in FACT_SOURCES
@@ -588,10 +595,12 @@ def regressions(report: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
 def select_tasks(
     tasks: list[dict[str, Any]], pattern: str | None = None, keys: list[str] | None = None
 ) -> list[dict[str, Any]]:
-    """Tasks whose kernel or variant matches ``pattern`` (a regex), or whose
+    """Tasks whose "kernel variant shape" matches ``pattern`` (a regex), or whose
     ``config_key`` is in ``keys``; all of them when neither is given."""
     if pattern:
-        tasks = [t for t in tasks if re.search(pattern, f"{t['kernel']} {t['variant']}")]
+        tasks = [
+            t for t in tasks if re.search(pattern, f"{t['kernel']} {t['variant']} {t['shape']}")
+        ]
     if keys is not None:
         wanted = set(keys)
         tasks = [t for t in tasks if config_key(t) in wanted]
@@ -840,7 +849,9 @@ def main(argv: list[str] | None = None) -> int:
         "--shapes", choices=sorted(SHAPE_SETS), default="default",
         help="default: benchmark + small shape; range: also the supported C, B and dtypes",
     )  # fmt: skip
-    parser.add_argument("--kernels", help="only kernels / variants matching this regex")
+    parser.add_argument(
+        "--kernels", help='only configurations whose "kernel variant shape" matches this regex'
+    )
     parser.add_argument(
         "--baseline", type=Path, default=BASELINE,
         help="recorded facts to hold every configuration to (missing file: not checked)",
@@ -849,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         "--record-baseline", action="store_true",
         help="write this run's facts to --baseline (needs --shapes range, no --kernels)",
     )  # fmt: skip
+    parser.add_argument("--dump", type=Path, help="write each configuration's TTGIR and PTX here")
     parser.add_argument("--keys-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--toolchain", action="store_true", help=argparse.SUPPRESS)
@@ -867,6 +879,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.record_baseline and (args.shapes != "range" or args.kernels):
         parser.error("--record-baseline needs the whole range: --shapes range, no --kernels")
 
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        os.environ[DUMP_ENV] = str(args.dump.resolve())  # read by the compile workers
     report = run_check(capabilities, args.jobs, args.all_modes, args.shapes, args.kernels)
     if args.kernels:
         report["not_launched"] = []  # a selection compiles some kernels on purpose
