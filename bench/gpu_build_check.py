@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -56,6 +57,7 @@ for _path in (str(HERE), str(ROOT)):
 
 from byte_model import (  # noqa: E402
     BENCH_SHAPE,
+    FLOAT32_BYTES,
     H200_COPY_BANDWIDTH,
     KERNELS,
     Shape,
@@ -68,6 +70,43 @@ CAPABILITIES = (80, 90)
 KERNEL_MODULES = ("pyramid_triton", "coupling_triton", "loss_map_triton")
 SMALL = Shape(batch=1, channels=3, height=24, width=40, levels=4)
 SHAPES = {"bench": BENCH_SHAPE, "small": SMALL}
+FLOAT64_BYTES = 8
+#: The supported range (docs: C 1..64 channels, batches 2..64, float32 and float64):
+#: channel counts that give every padded power of two CP (and the 16-divisible
+#: specializations at 16, 32, 64), batches that give every pair block, at both dtypes.
+RANGE_CHANNELS = (1, 2, 3, 5, 9, 16, 17, 32, 33, 64)
+RANGE_BATCHES = (2, 3, 5, 9, 16, 17, 33, 64)
+RANGE_LIMITS = {"channels": (1, 64), "batch": (2, 64), "element_bytes": (4, 8)}
+
+
+def range_shapes() -> dict[str, Shape]:
+    """Shapes that cover the supported range: (B = 2, every C) and (every B, C = 3), at
+    256 x 256 (finest-level tiles as at the benchmark shape), float32 and float64; the
+    name says B, C and the dtype (``B64 C3 f64``)."""
+    shapes = {}
+    for element_bytes, tag in ((FLOAT32_BYTES, "f32"), (FLOAT64_BYTES, "f64")):
+        pairs = [(2, c) for c in RANGE_CHANNELS] + [(b, 3) for b in RANGE_BATCHES]
+        pairs.append((64, 64))
+        for b, c in dict.fromkeys(pairs):
+            shape = Shape(batch=b, channels=c, height=256, width=256, levels=4,
+                          element_bytes=element_bytes)  # fmt: skip
+            shapes[f"B{b} C{c} {tag}"] = shape
+    return shapes
+
+
+SHAPE_SETS = {"default": lambda: dict(SHAPES), "range": lambda: {**SHAPES, **range_shapes()}}
+
+
+def shape_dtype(shape: Shape):
+    """The torch dtype of a shape's elements (4 bytes: float32, 8: float64)."""
+    import torch
+
+    dtypes = {FLOAT32_BYTES: torch.float32, FLOAT64_BYTES: torch.float64}
+    if shape.element_bytes not in dtypes:
+        raise ValueError(f"no float dtype of {shape.element_bytes} bytes")
+    return dtypes[shape.element_bytes]
+
+
 EXIT_TOOLCHAIN = 3
 DEFAULT_OUT = HERE / "results" / "gpu_build_check.json"
 
@@ -141,7 +180,7 @@ def _scenarios(
     import torch
 
     pt, ct, lt = (modules[name] for name in KERNEL_MODULES)
-    meta = {"device": "meta", "dtype": torch.float32}
+    meta = {"device": "meta", "dtype": shape_dtype(shape)}
     b, c, height, width, levels = (
         shape.batch, shape.channels, shape.height, shape.width, shape.levels,
     )  # fmt: skip
@@ -202,7 +241,7 @@ def _coupling_scenarios(
 ) -> Iterator[tuple[str, Callable[[], Any]]]:
     import torch
 
-    meta = {"device": "meta", "dtype": torch.float32}
+    meta = {"device": "meta", "dtype": shape_dtype(shape)}
     b, c, height, width = shape.batch, shape.channels, shape.height, shape.width
     x = torch.empty(b, c, height, width, **meta)
     h = torch.empty(b, 2 * c, stride * height, stride * width, **meta)
@@ -290,13 +329,27 @@ def _plain(value: Any) -> Any:
 
 
 def build_tasks(
-    modules: dict[str, Any], capabilities: tuple[int, ...], all_modes: bool = False
+    modules: dict[str, Any],
+    capabilities: tuple[int, ...],
+    all_modes: bool = False,
+    shapes: dict[str, Shape] | None = None,
 ) -> list[dict[str, Any]]:
-    """Unique (capability, kernel, specialization) compile tasks, in a stable order."""
+    """Unique (capability, kernel, specialization) compile tasks, in a stable order.
+
+    Each task's ``bytes_per_program`` is its kernel's byte count at its shape (finest
+    level) over the programs of that shape's largest launch of the kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
-    records = record_launches(modules, all_modes)
+    shapes = SHAPES if shapes is None else shapes
+    records = record_launches(modules, all_modes, shapes)
+    programs: dict[tuple[str, str], int] = {}
+    for record in records:
+        key = (variant(record["kernel"].__name__, record["constexprs"]), record["shape"])
+        count = 1
+        for size in record["grid"]:
+            count *= int(size)
+        programs[key] = max(programs.get(key, 0), count)
     tasks: dict[tuple, dict[str, Any]] = {}
     for capability in capabilities:
         backend = make_backend(GPUTarget("cuda", capability, 32))
@@ -312,10 +365,13 @@ def build_tasks(
                 if used not in tasks[key]["used_by"]:
                     tasks[key]["used_by"].append(used)
                 continue
+            kind = variant(name, record["constexprs"])
+            moved = kernel_bytes(kind, shapes[record["shape"]])
             tasks[key] = {
-                "kernel": name, "variant": variant(name, record["constexprs"]),
+                "kernel": name, "variant": kind,
                 "capability": capability, "target": f"sm_{capability}",
                 "shape": record["shape"], "used_by": [used], "grid": list(record["grid"]),
+                "bytes_per_program": moved // programs[(kind, record["shape"])],
                 "signature": signature, "constexprs": const_named,
                 "divisible_by_16": [names[path[0]] for path, a in attrs.items() if a],
                 "num_warps": options.num_warps, "num_stages": options.num_stages,
@@ -331,6 +387,28 @@ _PTXAS_FRAME = re.compile(
 )
 _RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9:_]+)*)")
+_BAR_SYNC = re.compile(r"^\s*(?:@!?%\w+\s+)?bar(?:rier)?\.sync\b", re.MULTILINE)
+_CONVERT_LAYOUT = re.compile(r"\bttg\.convert_layout\b")
+
+#: Static facts of one compiled configuration; the regression check holds each of these
+#: at or below its recorded value (vector access counts are recorded, not held: a
+#: vector access that turns scalar raises the scalar count).
+HELD_FACTS = ("registers", "spill_bytes", "bar_sync", "convert_layout", "ld_scalar", "st_scalar")
+FACTS = (*HELD_FACTS, "ld_vector", "st_vector", "bytes_per_program")
+BASELINE = HERE / "results" / "kernel_facts.json"
+DUMP_ENV = "PYRAMIDFLOW_DUMP_KERNELS"
+FACT_SOURCES = ("_triton_utils.py", "pyramid_triton.py", "coupling_triton.py", "loss_map_triton.py")
+
+
+def barrier_count(ptx: str) -> int:
+    """``bar.sync`` / ``barrier.sync`` instructions in ``ptx`` (static count)."""
+    return len(_BAR_SYNC.findall(ptx))
+
+
+def convert_layout_count(ttgir: str) -> int:
+    """``ttg.convert_layout`` ops in ``ttgir`` (static count: each one that survives to
+    the GPU IR moves data between threads, through shared memory or shuffles)."""
+    return len(_CONVERT_LAYOUT.findall(ttgir))
 
 
 def vector_widths(ptx: str) -> dict[str, dict[str, int]]:
@@ -427,11 +505,116 @@ def compile_task(task: dict[str, Any]) -> dict[str, Any]:
     result["ptx_global"] = counts
     result["vectorized"] = bool(sum(counts["ld"][w] + counts["st"][w] for w in ("v4", "v2")))
     result["vectors"] = describe_vectors(counts)
+    dump = os.environ.get(DUMP_ENV)
+    if dump:  # the compiled code, for reading (``--dump DIR``)
+        key = config_key(result)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+        stem = Path(dump) / f"{result['target']}{result['kernel']}.{digest}"
+        for kind in ("ttgir", "ptx"):
+            stem.with_suffix(f".{kind}").write_text(compiled.asm[kind])
+    result["bar_sync"] = barrier_count(compiled.asm["ptx"])
+    result["convert_layout"] = convert_layout_count(compiled.asm["ttgir"])
+    result["facts"] = facts_of(result)
     return result
 
 
+def facts_of(result: dict[str, Any]) -> dict[str, int]:
+    """The ``FACTS`` of one compiled configuration."""
+    counts = result["ptx_global"]
+    return {
+        "registers": result["registers"],
+        "spill_bytes": result["spill_stores"] + result["spill_loads"]
+        + max(result["stack"], result["local"]),
+        "bar_sync": result["bar_sync"],
+        "convert_layout": result["convert_layout"],
+        "ld_scalar": counts["ld"]["scalar"],
+        "st_scalar": counts["st"]["scalar"],
+        "ld_vector": counts["ld"]["v4"] + counts["ld"]["v2"],
+        "st_vector": counts["st"]["v4"] + counts["st"]["v2"],
+        "bytes_per_program": result["bytes_per_program"],
+    }  # fmt: skip
+
+
+def config_key(result: dict[str, Any]) -> str:
+    """A readable key of one compiled configuration: target, kernel, constexprs, the
+    argument types and the 16-divisible arguments (what Triton specializes on)."""
+    consts = ",".join(f"{k}={v}" for k, v in sorted(result["constexprs"].items()))
+    types = ",".join(t for t in result["signature"].values() if t != "constexpr")
+    divisible = ",".join(sorted(result["divisible_by_16"]))
+    return f"{result['target']} {result['kernel']} [{consts}] ({types}) div16[{divisible}]"
+
+
+def source_digests() -> dict[str, str]:
+    """sha256 of each kernel source the facts depend on (kernels and launchers)."""
+    return {
+        name: hashlib.sha256((ROOT / "kernels" / name).read_bytes()).hexdigest()
+        for name in FACT_SOURCES
+    }
+
+
+def baseline_of(report: dict[str, Any]) -> dict[str, Any]:
+    """The recorded facts of a run (``--record-baseline``), keyed by ``config_key``."""
+    configs = {}
+    for r in report["results"]:
+        if r["error"] is None:
+            configs[config_key(r)] = {"variant": r["variant"], "shape": r["shape"], **r["facts"]}
+    return {
+        "triton": report.get("triton"),
+        "ptxas": (report["toolchain"].get("ptxas") or {}).get("version"),
+        "shape_set": report.get("shape_set"),
+        "limits": RANGE_LIMITS,
+        "range_channels": list(RANGE_CHANNELS),
+        "range_batches": list(RANGE_BATCHES),
+        "sources": source_digests(),
+        "configs": dict(sorted(configs.items())),
+    }
+
+
+def regressions(report: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """Configurations whose ``HELD_FACTS`` exceed their recorded values, and compiled
+    configurations the baseline does not hold (record it again after a kernel change)."""
+    found = []
+    recorded = baseline["configs"]
+    for r in report["results"]:
+        if r["error"] is not None:
+            continue
+        key = config_key(r)
+        if key not in recorded:
+            found.append(f"{key}: not in the recorded facts (rerun with --record-baseline)")
+            continue
+        worse = [
+            f"{fact} {r['facts'][fact]} > {recorded[key][fact]}"
+            for fact in HELD_FACTS
+            if r["facts"][fact] > recorded[key][fact]
+        ]
+        if worse:
+            found.append(f"{key}: regressed: {', '.join(worse)}")
+    return found
+
+
+def select_tasks(
+    tasks: list[dict[str, Any]], pattern: str | None = None, keys: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Tasks whose "kernel variant shape" matches ``pattern`` (a regex), or whose
+    ``config_key`` is in ``keys``; all of them when neither is given."""
+    if pattern:
+        tasks = [
+            t for t in tasks if re.search(pattern, f"{t['kernel']} {t['variant']} {t['shape']}")
+        ]
+    if keys is not None:
+        wanted = set(keys)
+        tasks = [t for t in tasks if config_key(t) in wanted]
+    return tasks
+
+
 def worker(
-    shard: int, shards: int, capabilities: tuple[int, ...], all_modes: bool = False
+    shard: int,
+    shards: int,
+    capabilities: tuple[int, ...],
+    all_modes: bool = False,
+    shape_set: str = "default",
+    pattern: str | None = None,
+    keys: list[str] | None = None,
 ) -> dict[str, Any]:
     """Child process: record, specialize, compile this shard's tasks."""
     modules = _import_kernels()
@@ -439,13 +622,14 @@ def worker(
 
     if interpreting():
         raise RuntimeError("the compile worker must run with TRITON_INTERPRET unset")
-    tasks = build_tasks(modules, capabilities, all_modes)
+    tasks = build_tasks(modules, capabilities, all_modes, SHAPE_SETS[shape_set]())
     launched = {t["kernel"] for t in tasks}
-    results = [compile_task(task) for task in tasks[shard::shards]]
+    chosen = select_tasks(tasks, pattern, keys)
+    results = [compile_task(task) for task in chosen[shard::shards]]
     return {
         "defined": sorted(defined_kernels(modules)),
         "launched": sorted(launched),
-        "tasks": len(tasks),
+        "tasks": len(chosen),
         "results": results,
     }
 
@@ -454,9 +638,18 @@ def worker(
 
 
 def run_check(
-    capabilities: tuple[int, ...] = CAPABILITIES, jobs: int | None = None, all_modes: bool = False
+    capabilities: tuple[int, ...] = CAPABILITIES,
+    jobs: int | None = None,
+    all_modes: bool = False,
+    shape_set: str = "default",
+    pattern: str | None = None,
+    keys: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole check in ``jobs`` child processes (TRITON_INTERPRET removed)."""
+    """Run the whole check in ``jobs`` child processes (TRITON_INTERPRET removed).
+
+    ``shape_set``: "default" (benchmark and small shapes) or "range" (adds the supported
+    range of channels, batches and dtypes, ``range_shapes``); ``pattern`` / ``keys``
+    compile only some configurations (``select_tasks``)."""
     start = time.perf_counter()
     # ptxas and LLVM contend: 2 processes on 2 cores are slower than 1 (177 s vs 151 s)
     jobs = max(1, jobs or min(4, (os.cpu_count() or 1) // 2))
@@ -471,17 +664,14 @@ def run_check(
         if not chain.get("ok"):
             report["seconds"] = time.perf_counter() - start
             return report
+        keys_file = Path(cache) / "keys.json"
+        keys_file.write_text(json.dumps(keys))
+        options = ["--capabilities", caps, "--shapes", shape_set, "--keys-file", str(keys_file)]
+        options += ["--all-modes"] if all_modes else []
+        options += ["--kernels", pattern] if pattern else []
         children = [
             subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    f"{i}/{jobs}",
-                    "--capabilities",
-                    caps,
-                    *(["--all-modes"] if all_modes else []),
-                ],
+                [sys.executable, __file__, "--worker", f"{i}/{jobs}", *options],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -504,7 +694,9 @@ def run_check(
     results.sort(key=lambda r: (r["kernel"], r["variant"], r["shape"], r["capability"]))
     report.update(
         triton=chain.get("triton"),
-        shapes={name: vars(shape) for name, shape in SHAPES.items()},
+        shape_set=shape_set,
+        shapes={name: vars(shape) for name, shape in SHAPE_SETS[shape_set]().items()},
+        selection={"kernels": pattern, "keys": keys},
         bandwidth=H200_COPY_BANDWIDTH,
         jobs=jobs,
         all_modes=all_modes,
@@ -531,10 +723,13 @@ def _last_json(text: str) -> dict[str, Any] | None:
     return None
 
 
-def problems(report: dict[str, Any]) -> list[str]:
-    """Everything that makes the check fail (empty: all kernels build, none spills)."""
+def problems(report: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[str]:
+    """Everything that makes the check fail (empty: all kernels build, none spills and,
+    with a ``baseline`` of the same Triton version, none regresses past its facts)."""
     found = list(report.get("worker_failures", []))
     found += [f"kernel {name} is not launched by any scenario" for name in report["not_launched"]]
+    if baseline is not None and baseline.get("triton") == report.get("triton"):
+        found += regressions(report, baseline)
     if not report.get("results"):
         found.append("nothing was compiled")
     for r in report.get("results", []):
@@ -552,26 +747,32 @@ def problems(report: dict[str, Any]) -> list[str]:
 def text_table(report: dict[str, Any]) -> str:
     """One line per compiled configuration."""
     head = (
-        f"{'kernel':27s} {'variant':17s} {'shape':5s} {'target':6s} {'regs':>4s} "
-        f"{'smem':>6s} {'local':>5s} {'spill':>5s}  vectorized (PTX global ld / st)"
+        f"{'kernel':27s} {'variant':17s} {'shape':12s} {'target':6s} {'regs':>4s} "
+        f"{'smem':>6s} {'local':>5s} {'spill':>5s} {'bar':>4s} {'cvt':>4s} {'B/prog':>7s}  "
+        f"vectorized (PTX global ld / st)"
     )
     lines = [head, "-" * len(head)]
     for r in report["results"]:
+        where = f"{r['kernel']:27s} {r['variant']:17s} {r['shape']:12s} {r['target']:6s}"
         if r["error"] is not None:
-            lines.append(f"{r['kernel']:27s} {r['variant']:17s} {r['shape']:5s} {r['target']:6s} "
-                         f"ERROR {r['error'][:80]}")  # fmt: skip
+            lines.append(f"{where} ERROR {r['error'][:80]}")
             continue
         spill = r["spill_stores"] + r["spill_loads"]
         lines.append(
-            f"{r['kernel']:27s} {r['variant']:17s} {r['shape']:5s} {r['target']:6s} "
-            f"{r['registers']:4d} {r['shared']:6d} {max(r['stack'], r['local']):5d} "
-            f"{spill:5d}  {r['vectors']}"
+            f"{where} {r['registers']:4d} {r['shared']:6d} {max(r['stack'], r['local']):5d} "
+            f"{spill:5d} {r['bar_sync']:4d} {r['convert_layout']:4d} "
+            f"{r['bytes_per_program']:7d}  {r['vectors']}"
         )
     return "\n".join(lines)
 
 
+def _span(values: list[int]) -> str:
+    return f"{min(values)}-{max(values)}" if len(set(values)) > 1 else f"{values[0]}"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
-    """Per kernel mode: op, fusion, registers, spills, vectorization, bytes, floor."""
+    """Per kernel mode: op, fusion, registers, spills, barriers, layout conversions,
+    scalar / vector global accesses, bytes per program, bytes, floor."""
     rows = []
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in report["results"]:
@@ -584,7 +785,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         regs = []
         for cap in report["capabilities"]:
             values = [r["registers"] for r in entries if r["capability"] == cap]
-            regs.append(f"{min(values)}-{max(values)}" if len(set(values)) > 1 else f"{values[0]}")
+            regs.append(_span(values) if values else "-")
         worst: dict[str, int] = {}
         for r in entries:
             if r["spill"]:
@@ -592,31 +793,45 @@ def markdown_table(report: dict[str, Any]) -> str:
                 worst[r["target"]] = max(worst.get(r["target"], 0), amount)
         spills = ", ".join(f"**{t}: {n} B**" for t, n in sorted(worst.items())) or "none"
         bench = [r for r in entries if r["shape"] == "bench" and r["capability"] == 90]
-        vec = bench[0]["ptx_global"] if bench else entries[0]["ptx_global"]
-        vectorized = []
-        for op in ("ld", "st"):
-            widths = [w for w in ("v4", "v2") if vec[op][w]]
-            vectorized.append(f"{op} {'/'.join(widths) if widths else 'scalar'}")
+        bench = bench or [r for r in entries if r["capability"] == 90] or entries
+        facts = [r["facts"] for r in bench]
+        sync = " / ".join(_span([f[k] for f in facts]) for k in ("bar_sync", "convert_layout"))
+        access = ", ".join(
+            f"{op} {_span([f[op + '_vector'] for f in facts])} v"
+            f" + {_span([f[op + '_scalar'] for f in facts])} s"
+            for op in ("ld", "st")
+        )
+        per_program = _span([f["bytes_per_program"] for f in facts])
         moved = kernel_bytes(name, BENCH_SHAPE)
         rows.append(
             f"| `{info.function}` {name} | {info.op} | {info.fuses.replace('|', chr(92) + '|')} | "
-            f"{' / '.join(regs)} | "
-            f"{spills} | {', '.join(vectorized)} | {moved / 1e6:.0f} MB | "
-            f"{floor_seconds(moved, bw) * 1e6:.1f} us |"
+            f"{' / '.join(regs)} | {spills} | {sync} | {access} | {per_program} | "
+            f"{moved / 1e6:.0f} MB | {floor_seconds(moved, bw) * 1e6:.1f} us |"
         )
     caps = " / ".join(f"sm_{c}" for c in report["capabilities"])
+    covered = "a small odd shape"
+    if report.get("shape_set") == "range":
+        covered += (
+            f" and the supported range (C {RANGE_LIMITS['channels'][0]}.."
+            f"{RANGE_LIMITS['channels'][1]}, B {RANGE_LIMITS['batch'][0]}.."
+            f"{RANGE_LIMITS['batch'][1]}, float32 and float64: `--shapes range`)"
+        )
     header = [
         f"Kernels compiled ahead of time with Triton {report.get('triton')} for {caps} "
-        f"(`python bench/gpu_build_check.py`). Registers per thread (range over the "
-        f"launch configurations of {BENCH_SHAPE.label()} and a small odd shape), local "
-        f"memory spills (worst spill-store or stack bytes per thread), vectorized global "
-        f"loads / stores in the PTX at the benchmark "
-        f"shape on sm_90, bytes read + written by one launch on the finest level at "
-        f"{BENCH_SHAPE.label()} float32, and the floor at {bw / 1e12:.1f} TB/s "
-        f"(H200 copy bandwidth). Byte formulas: `bench/byte_model.py`.",
+        f"(`python bench/gpu_build_check.py --shapes range`). Registers per thread (range "
+        f"over the launch configurations of {BENCH_SHAPE.label()}, {covered}), local memory "
+        f"spills (worst spill-store or stack bytes per thread). At the benchmark shape on "
+        f"sm_90 (a range where the modes differ): `bar.sync` and `ttg.convert_layout` "
+        f"counts (static, in the PTX / TTGIR), global loads and stores in the PTX as vector "
+        f"(`.v2`/`.v4`) + scalar instructions (static), and bytes moved per program (the "
+        f"kernel's bytes over its programs). Then bytes read + written by one launch on the "
+        f"finest level at {BENCH_SHAPE.label()} float32, and the floor at "
+        f"{bw / 1e12:.1f} TB/s (H200 copy bandwidth). Byte formulas: `bench/byte_model.py`; "
+        f"every configuration's facts: `bench/results/kernel_facts.json`.",
         "",
-        f"| kernel | op | fuses | registers ({caps}) | spills | vectorized | bytes | floor |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| kernel | op | fuses | registers ({caps}) | spills | bar.sync / convert_layout "
+        f"| global ld, st (vector + scalar) | bytes / program | bytes | floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + rows) + "\n"
 
@@ -630,6 +845,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--all-modes", action="store_true", help="every coupling mode (see coupling_modes)"
     )
+    parser.add_argument(
+        "--shapes", choices=sorted(SHAPE_SETS), default="default",
+        help="default: benchmark + small shape; range: also the supported C, B and dtypes",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kernels", help='only configurations whose "kernel variant shape" matches this regex'
+    )
+    parser.add_argument(
+        "--baseline", type=Path, default=BASELINE,
+        help="recorded facts to hold every configuration to (missing file: not checked)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--record-baseline", action="store_true",
+        help="write this run's facts to --baseline (needs --shapes range, no --kernels)",
+    )  # fmt: skip
+    parser.add_argument("--dump", type=Path, help="write each configuration's TTGIR and PTX here")
+    parser.add_argument("--keys-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--toolchain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -640,10 +872,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.worker:
         shard, shards = (int(v) for v in args.worker.split("/"))
-        print(json.dumps(worker(shard, shards, capabilities, args.all_modes)))
+        keys = json.loads(args.keys_file.read_text()) if args.keys_file else None
+        done = worker(shard, shards, capabilities, args.all_modes, args.shapes, args.kernels, keys)
+        print(json.dumps(done))
         return 0
+    if args.record_baseline and (args.shapes != "range" or args.kernels):
+        parser.error("--record-baseline needs the whole range: --shapes range, no --kernels")
 
-    report = run_check(capabilities, args.jobs, args.all_modes)
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+        os.environ[DUMP_ENV] = str(args.dump.resolve())  # read by the compile workers
+    report = run_check(capabilities, args.jobs, args.all_modes, args.shapes, args.kernels)
+    if args.kernels:
+        report["not_launched"] = []  # a selection compiles some kernels on purpose
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=str))
     if not report["toolchain"].get("ok"):
@@ -653,7 +894,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown_table(report))
-    found = problems(report)
+    baseline = None
+    if args.record_baseline:
+        args.baseline.write_text(json.dumps(baseline_of(report), indent=1) + "\n")
+        print(f"recorded the facts of {report['summary']['compiled']} configurations: "
+              f"{args.baseline}")  # fmt: skip
+    elif args.baseline.exists():
+        baseline = json.loads(args.baseline.read_text())
+        if baseline.get("triton") != report.get("triton"):
+            print(f"note: {args.baseline} was recorded with Triton {baseline.get('triton')}, "
+                  f"this is {report.get('triton')}: facts not compared")  # fmt: skip
+    found = problems(report, baseline)
     summary = report["summary"]
     print(
         f"\n{summary['compiled']} configurations compiled, {summary['errors']} errors, "

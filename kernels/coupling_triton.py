@@ -29,14 +29,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import interpreting
 from ._triton_utils import acc_dtype, launch, register_op
 from .coupling_reference import SOFT_CLAMP_GAIN, inverse_matrix, vn_dims
 
 __all__ = ["affine_coupling", "affine_coupling_inverse"]
 
 _TILE_ELEMENTS = 4096  # channels x pixels held by one forward program
-_BWD_TILE_ELEMENTS = 2048  # backward programs keep ~7 such tiles live
 _MAX_BLOCK_P = 1024
+_LANES = 32 * 4  # threads of a program (4 warps, Triton's default)
+_CHUNK = 16  # float32 channels per run-time chunk of the coupling kernels (not VN passes)
+_CHUNK_BUDGET = 16  # 4-byte elements of each [chunk, BLOCK_P] tile per thread (~6 live)
 
 # --------------------------------------------------------------------------- kernels
 
@@ -82,8 +85,8 @@ def _param_offsets(p, W, WP, KH: tl.constexpr, KW: tl.constexpr):
 
 @triton.jit
 def _vn_sum_kernel(
-    h_ptr, part_ptr, HWP, n_tiles, clamp,
-    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, GAIN: tl.constexpr,
+    h_ptr, part_ptr, C, HWP, n_tiles, clamp,
+    CP: tl.constexpr, CVN: tl.constexpr, GAIN: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Sums of soft_clamp(s_raw) over a tile of the parameter plane of one image.
@@ -107,9 +110,9 @@ def _vn_sum_kernel(
 
 @triton.jit
 def _load_log_scale_shift(
-    h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp,
-    C: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    GAIN: tl.constexpr, ACC: tl.constexpr,
+    h_ptr, mean_ptr, b, p, ch, C, HW, W, HWP, WP, clamp,
+    CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, GAIN: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
     """[CP, BLOCK_P] tiles of s_raw, VN-centred log-scale s and shift t at target pixels p
     of image b (int64)."""
@@ -130,173 +133,201 @@ def _load_log_scale_shift(
 
 @triton.jit
 def _coupling_fwd_kernel(
-    x_ptr, h_ptr, w_ptr, mean_ptr, z_ptr, HW, W, HWP, WP, clamp,
-    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    x_ptr, h_ptr, w_ptr, mean_ptr, z_ptr, C, HW, W, HWP, WP, clamp,
+    CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     GAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """z = W (exp(s) x + t) for a tile of pixels of one image, all channels."""
+    """z = W (exp(s) x + t) for a tile of pixels of one image, in run-time chunks of CP
+    output channels: a run-time loop over the C input channels computes one row of
+    y = exp(s) x + t at a time and mixes it into the chunk's rows of z, so the code does
+    not grow with C (beyond 16 channels, y is recomputed once per chunk)."""
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, CP)
     pm = p < HW
     q = _param_offsets(p, W, WP, KH, KW)
     if CVN:
         mean_pix = tl.load(mean_ptr + q, mask=pm, other=0.0).to(ACC)
-    z = tl.zeros([CP, BLOCK_P], dtype=ACC)
-    for c in tl.static_range(C):
-        x_c = tl.load(x_ptr + (b * C + c) * HW + p, mask=pm, other=0.0).to(ACC)
-        s_raw = tl.load(h_ptr + (b * (2 * C) + c) * HWP + q, mask=pm, other=0.0).to(ACC)
-        t_c = tl.load(h_ptr + (b * (2 * C) + C + c) * HWP + q, mask=pm, other=0.0).to(ACC)
-        if CVN:
-            mean = mean_pix
-        else:
-            mean = tl.load(mean_ptr + c).to(ACC)
-        y_c = tl.exp(_soft_clamp(s_raw, clamp, GAIN) - mean) * x_c + t_c
-        w_col = tl.load(w_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
-        z += w_col[:, None] * y_c[None, :]
-    out = z_ptr + (b * C + ch[:, None]) * HW + p[None, :]  # int64 [CP, 1], then + p
-    tl.store(out, z.to(z_ptr.dtype.element_ty), mask=(ch[:, None] < C) & pm[None, :])
+    for first in range(0, C, CP):
+        rows = first + tl.arange(0, CP)
+        z = tl.zeros([CP, BLOCK_P], dtype=ACC)
+        # int64 plane starts, then pointers stepped by a plane: C HW passes 2^31
+        x_c = x_ptr + b * C * HW + p
+        s_c = h_ptr + b * (2 * C) * HWP + q
+        t_c = h_ptr + (b * (2 * C) + C) * HWP + q
+        for c in range(C):
+            x_row = tl.load(x_c, mask=pm, other=0.0).to(ACC)
+            s_raw = tl.load(s_c, mask=pm, other=0.0).to(ACC)
+            t_row = tl.load(t_c, mask=pm, other=0.0).to(ACC)
+            if CVN:
+                mean = mean_pix
+            else:
+                mean = tl.load(mean_ptr + c).to(ACC)
+            y_c = tl.exp(_soft_clamp(s_raw, clamp, GAIN) - mean) * x_row + t_row
+            w_col = tl.load(w_ptr + rows * C + c, mask=rows < C, other=0.0).to(ACC)
+            z += w_col[:, None] * y_c[None, :]
+            x_c += HW
+            s_c += HWP
+            t_c += HWP
+        out = z_ptr + (b * C + rows[:, None]) * HW + p[None, :]  # int64 [CP, 1], then + p
+        tl.store(out, z.to(z_ptr.dtype.element_ty), mask=(rows[:, None] < C) & pm[None, :])
 
 
 @triton.jit
 def _store_h_grads(
-    gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, g_s, g_t, s_raw, HW, W, HWP, WP, clamp,
-    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    GAIN: tl.constexpr, FINAL: tl.constexpr,
+    gh_ptr, gpart_ptr, b, tile, n_tiles, p, rows, g_s, g_t, s_raw, C, HW, W, HWP, WP, clamp,
+    CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, GAIN: tl.constexpr,
+    FINAL: tl.constexpr,
 ):  # fmt: skip
-    """Store grad h at the picked pixels: [g_s * clamp', g_t] when FINAL (eval), else
-    the raw g_s plus per-program sums of it for the VN batch-mean correction (b: int64)."""
+    """Store grad h of channels ``rows`` at the picked pixels: [g_s * clamp', g_t] when
+    FINAL (eval), else the raw g_s, and for SVN its per-program sums per channel (b:
+    int64). Returns the per-pixel sum of g_s over ``rows`` (the CVN correction's part)."""
     q = _param_offsets(p, W, WP, KH, KW)
-    mask = (ch[:, None] < C) & (p[None, :] < HW)
-    s_ptrs = gh_ptr + (b * (2 * C) + ch[:, None]) * HWP + q[None, :]
-    t_ptrs = gh_ptr + (b * (2 * C) + C + ch[:, None]) * HWP + q[None, :]
+    mask = (rows[:, None] < C) & (p[None, :] < HW)
+    s_ptrs = gh_ptr + (b * (2 * C) + rows[:, None]) * HWP + q[None, :]
+    t_ptrs = gh_ptr + (b * (2 * C) + C + rows[:, None]) * HWP + q[None, :]
     ty = gh_ptr.dtype.element_ty
     tl.store(t_ptrs, g_t.to(ty), mask=mask)
     if FINAL:
         tl.store(s_ptrs, (g_s * _soft_clamp_grad(s_raw, clamp, GAIN)).to(ty), mask=mask)
     else:
         tl.store(s_ptrs, g_s.to(ty), mask=mask)
-        g_s = tl.where(mask, g_s, 0.0)
-        if CVN:
-            tl.store(gpart_ptr + b * HW + p, tl.sum(g_s, axis=0), mask=p < HW)
-        else:
-            row = (b * n_tiles + tile) * CP
-            tl.store(gpart_ptr + row + ch, tl.sum(g_s, axis=1))
+    g_s = tl.where(mask, g_s, 0.0)
+    if not FINAL and not CVN:
+        slot = (b * n_tiles + tile) * C
+        tl.store(gpart_ptr + slot + rows, tl.sum(g_s, axis=1), mask=rows < C)
+    return tl.sum(g_s, axis=0)
 
 
 @triton.jit
 def _coupling_bwd_kernel(
     x_ptr, h_ptr, w_ptr, mean_ptr, gz_ptr, gx_ptr, gh_ptr, wpart_ptr, gpart_ptr,
-    HW, W, HWP, WP, n_tiles, clamp,
-    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    C, HW, W, HWP, WP, n_tiles, clamp,
+    CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     GAIN: tl.constexpr, FINAL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """Grads of the forward coupling for a tile of pixels of one image (y recomputed)."""
+    """Grads of the forward coupling for a tile of pixels of one image (y recomputed),
+    in run-time chunks of CP input channels; grad z rows are re-read once per chunk."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, CP)
     pm = p < HW
-    mask = (ch[:, None] < C) & pm[None, :]
-    rows = (b * C + ch[:, None]) * HW  # int64 plane starts, [CP, 1]
-    x = tl.load(x_ptr + rows + p[None, :], mask=mask, other=0.0).to(ACC)
-    s_raw, log_scale, shift = _load_log_scale_shift(
-        h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
-    )
-    scale = tl.exp(log_scale)
-    y = scale * x + shift
-    g_y = tl.zeros([CP, BLOCK_P], dtype=ACC)
-    wrow_base = wpart_ptr + ((b * n_tiles + tile) * C) * CP
-    for o in tl.static_range(C):
-        g_o = tl.load(gz_ptr + (b * C + o) * HW + p, mask=pm, other=0.0).to(ACC)
-        w_row = tl.load(w_ptr + o * C + ch, mask=ch < C, other=0.0).to(ACC)
-        g_y += w_row[:, None] * g_o[None, :]
-        tl.store(wrow_base + o * CP + ch, tl.sum(y * g_o[None, :], axis=1))
-    tl.store(gx_ptr + rows + p[None, :], (g_y * scale).to(gx_ptr.dtype.element_ty), mask=mask)
-    _store_h_grads(
-        gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, g_y * scale * x, g_y, s_raw,
-        HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
-    )  # fmt: skip
+    g_s_sum = tl.zeros([BLOCK_P], dtype=ACC)
+    wpart = wpart_ptr + (b * n_tiles + tile) * C * C
+    for first in range(0, C, CP):
+        rows = first + tl.arange(0, CP)
+        mask = (rows[:, None] < C) & pm[None, :]
+        planes = (b * C + rows[:, None]) * HW  # int64 plane starts, [CP, 1]
+        x = tl.load(x_ptr + planes + p[None, :], mask=mask, other=0.0).to(ACC)
+        s_raw, log_scale, shift = _load_log_scale_shift(
+            h_ptr, mean_ptr, b, p, rows, C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, ACC
+        )
+        scale = tl.exp(log_scale)
+        y = scale * x + shift
+        g_y = tl.zeros([CP, BLOCK_P], dtype=ACC)
+        g_o_ptr = gz_ptr + b * C * HW + p  # stepped by HW
+        for o in range(C):
+            g_o = tl.load(g_o_ptr, mask=pm, other=0.0).to(ACC)
+            w_row = tl.load(w_ptr + o * C + rows, mask=rows < C, other=0.0).to(ACC)
+            g_y += w_row[:, None] * g_o[None, :]
+            tl.store(wpart + o * C + rows, tl.sum(y * g_o[None, :], axis=1), mask=rows < C)
+            g_o_ptr += HW
+        g_x = (g_y * scale).to(gx_ptr.dtype.element_ty)
+        tl.store(gx_ptr + planes + p[None, :], g_x, mask=mask)
+        g_s_sum += _store_h_grads(
+            gh_ptr, gpart_ptr, b, tile, n_tiles, p, rows, g_y * scale * x, g_y, s_raw,
+            C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, FINAL,
+        )  # fmt: skip
+    if CVN and not FINAL:
+        tl.store(gpart_ptr + b * HW + p, g_s_sum, mask=pm)
 
 
 @triton.jit
 def _inverse_mix(
-    z_ptr, winv_ptr, b, p, ch, HW,
-    C: tl.constexpr, CP: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+    z_ptr, winv_ptr, b, p, rows, C, HW, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """y = W^-1 z for a [CP, BLOCK_P] tile of image b (int64), unrolled over input channels."""
-    y = tl.zeros([CP, BLOCK_P], dtype=ACC)
-    z_c_ptr = z_ptr + b * C * HW + p  # stepped by HW: C HW passes 2^31 at C = 64, 8192 px
-    for c in tl.static_range(C):
-        z_c = tl.load(z_c_ptr, mask=p < HW, other=0.0)
-        w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
-        y += w_col[:, None] * z_c.to(ACC)[None, :]
-        z_c_ptr += HW
-    return y
+    """u = (W^-1 z)[rows] for a [len(rows), BLOCK_P] tile of image b (int64): a run-time
+    loop over the C input channels."""
+    u = tl.zeros([rows.shape[0], BLOCK_P], dtype=ACC)
+    z_c = z_ptr + b * C * HW + p  # stepped by HW: C HW passes 2^31 at C = 64, 8192 px
+    for c in range(C):
+        z_row = tl.load(z_c, mask=p < HW, other=0.0).to(ACC)
+        w_col = tl.load(winv_ptr + rows * C + c, mask=rows < C, other=0.0).to(ACC)
+        u += w_col[:, None] * z_row[None, :]
+        z_c += HW
+    return u
 
 
 @triton.jit
 def _coupling_inv_kernel(
-    z_ptr, h_ptr, winv_ptr, mean_ptr, x_ptr, HW, W, HWP, WP, clamp,
-    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    z_ptr, h_ptr, winv_ptr, mean_ptr, x_ptr, C, HW, W, HWP, WP, clamp,
+    CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     GAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """x = (W^-1 z - t) exp(-s) for a tile of pixels of one image, all channels."""
+    """x = (W^-1 z - t) exp(-s) for a tile of pixels of one image, in run-time chunks of
+    CP output channels (CP <= 16: z rows are re-read once per chunk, from the cache)."""
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, CP)
-    y = _inverse_mix(z_ptr, winv_ptr, b, p, ch, HW, C, CP, ACC, BLOCK_P)
-    _, log_scale, shift = _load_log_scale_shift(
-        h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
-    )
-    x = (y - shift) * tl.exp(-log_scale)
-    out = x_ptr + (b * C + ch[:, None]) * HW + p[None, :]
-    tl.store(out, x.to(x_ptr.dtype.element_ty), mask=(ch[:, None] < C) & (p < HW)[None, :])
+    for first in range(0, C, CP):
+        rows = first + tl.arange(0, CP)
+        u = _inverse_mix(z_ptr, winv_ptr, b, p, rows, C, HW, ACC, BLOCK_P)
+        _, log_scale, shift = _load_log_scale_shift(
+            h_ptr, mean_ptr, b, p, rows, C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, ACC
+        )
+        x = (u - shift) * tl.exp(-log_scale)
+        out = x_ptr + (b * C + rows[:, None]) * HW + p[None, :]
+        tl.store(out, x.to(x_ptr.dtype.element_ty), mask=(rows[:, None] < C) & (p < HW)[None, :])
 
 
 @triton.jit
 def _coupling_inv_bwd_kernel(
     z_ptr, h_ptr, winv_ptr, mean_ptr, gx_ptr, gz_ptr, gh_ptr, wpart_ptr, gpart_ptr,
-    HW, W, HWP, WP, n_tiles, clamp,
-    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    C, HW, W, HWP, WP, n_tiles, clamp,
+    CP: tl.constexpr, CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     GAIN: tl.constexpr, FINAL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    """Grads of the inverse coupling for a tile of pixels of one image (x recomputed).
+    """Grads of the inverse coupling for a tile of pixels of one image (x recomputed), in
+    run-time chunks of CP rows of u = W^-1 z; grad z = W^-T grad u is accumulated over
+    the chunks in place (each lane re-reads only what it wrote).
 
-    wpart gets per-program sums of g_u z^T, the gradient w.r.t. W^-1 (u = W^-1 z)."""
+    wpart gets per-program sums of g_u z^T, the gradient w.r.t. W^-1."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, CP)
     pm = p < HW
-    mask = (ch[:, None] < C) & pm[None, :]
-    u = _inverse_mix(z_ptr, winv_ptr, b, p, ch, HW, C, CP, ACC, BLOCK_P)
-    s_raw, log_scale, shift = _load_log_scale_shift(
-        h_ptr, mean_ptr, b, p, ch, HW, W, HWP, WP, clamp, C, CVN, KH, KW, GAIN, ACC
-    )
-    inv_scale = tl.exp(-log_scale)
-    g_x = tl.load(gx_ptr + (b * C + ch[:, None]) * HW + p[None, :], mask=mask, other=0.0)
-    g_x = g_x.to(ACC)
-    g_u = g_x * inv_scale
-    col_base = wpart_ptr + ((b * n_tiles + tile) * CP) * C
-    z_offs = b * C * HW + p  # stepped by HW
-    for c in tl.static_range(C):
-        z_c = tl.load(z_ptr + z_offs, mask=pm, other=0.0)
-        w_col = tl.load(winv_ptr + ch * C + c, mask=ch < C, other=0.0).to(ACC)
-        g_z = tl.sum(w_col[:, None] * g_u, axis=0)
-        tl.store(gz_ptr + z_offs, g_z.to(gz_ptr.dtype.element_ty), mask=pm)
-        tl.store(col_base + ch * C + c, tl.sum(g_u * z_c.to(ACC)[None, :], axis=1))
-        z_offs += HW
-    _store_h_grads(
-        gh_ptr, gpart_ptr, b, tile, n_tiles, p, ch, -g_u * (u - shift), -g_u, s_raw,
-        HW, W, HWP, WP, clamp, C, CP, CVN, KH, KW, GAIN, FINAL,
-    )  # fmt: skip
+    g_s_sum = tl.zeros([BLOCK_P], dtype=ACC)
+    wpart = wpart_ptr + (b * n_tiles + tile) * C * C
+    for first in range(0, C, CP):
+        rows = first + tl.arange(0, CP)
+        mask = (rows[:, None] < C) & pm[None, :]
+        u = _inverse_mix(z_ptr, winv_ptr, b, p, rows, C, HW, ACC, BLOCK_P)
+        s_raw, log_scale, shift = _load_log_scale_shift(
+            h_ptr, mean_ptr, b, p, rows, C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, ACC
+        )
+        g_x = tl.load(gx_ptr + (b * C + rows[:, None]) * HW + p[None, :], mask=mask, other=0.0)
+        g_u = g_x.to(ACC) * tl.exp(-log_scale)
+        z_c = z_ptr + b * C * HW + p  # stepped by HW
+        g_z_c = gz_ptr + b * C * HW + p
+        for c in range(C):
+            z_row = tl.load(z_c, mask=pm, other=0.0).to(ACC)
+            w_col = tl.load(winv_ptr + rows * C + c, mask=rows < C, other=0.0).to(ACC)
+            g_z = tl.sum(w_col[:, None] * g_u, axis=0)
+            g_z += tl.load(g_z_c, mask=pm & (first > 0), other=0.0).to(ACC)
+            tl.store(g_z_c, g_z.to(gz_ptr.dtype.element_ty), mask=pm)
+            tl.store(wpart + rows * C + c, tl.sum(g_u * z_row[None, :], axis=1), mask=rows < C)
+            z_c += HW
+            g_z_c += HW
+        g_s_sum += _store_h_grads(
+            gh_ptr, gpart_ptr, b, tile, n_tiles, p, rows, -g_u * (u - shift), -g_u, s_raw,
+            C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, FINAL,
+        )  # fmt: skip
+    if CVN and not FINAL:
+        tl.store(gpart_ptr + b * HW + p, g_s_sum, mask=pm)
 
 
 @triton.jit
 def _vn_grad_kernel(
-    gh_ptr, h_ptr, corr_ptr, HWP, clamp,
-    C: tl.constexpr, CP: tl.constexpr, CVN: tl.constexpr, GAIN: tl.constexpr,
+    gh_ptr, h_ptr, corr_ptr, C, HWP, clamp,
+    CP: tl.constexpr, CVN: tl.constexpr, GAIN: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """In place over the whole parameter plane: g_s_raw = (g_s - corr) * clamp'(s_raw),
@@ -329,6 +360,21 @@ def _block(cp: int, pixels: int, elements: int = _TILE_ELEMENTS) -> int:
     return max(16, min(block, triton.next_power_of_2(pixels)))
 
 
+def _lane_block(rows: int, pixels: int, element_bytes: int, budget: int) -> int:
+    """Pixels per program for a kernel whose [rows, BLOCK_P] tiles keep all ``rows`` of a
+    pixel in one thread: BLOCK_P = (pixels per thread) x 32 lanes x 4 warps, so Triton's
+    layout puts the pixels on lanes and warps and the rows in registers (mixing rows and
+    reducing over them then needs no layout conversion and no barrier). Pixels per
+    thread: up to one 16-byte vector, while rows x pixels stays within ``budget``
+    elements of 4 bytes. Under the interpreter: the larger ``_block`` tiles."""
+    if interpreting():
+        return _block(rows, pixels)
+    vector = 16 // element_bytes
+    per_thread = max(1, min(vector, budget * 4 // (element_bytes * rows)))
+    per_thread = 1 << (per_thread.bit_length() - 1)
+    return max(16, min(per_thread * _LANES, triton.next_power_of_2(pixels)))
+
+
 class _Geometry:
     """Shapes and strides shared by every launch of one call."""
 
@@ -351,11 +397,15 @@ class _Geometry:
         self.kh, self.kw = hp // height, wp // width
         self.hw, self.hwp = height * width, hp * wp
         self.cp = _padded_channels(c)
-        self.block = _block(self.cp, self.hw)
-        self.tiles = triton.cdiv(self.hw, self.block)
-        self.block_bwd = _block(self.cp, self.hw, _BWD_TILE_ELEMENTS)
-        self.tiles_bwd = triton.cdiv(self.hw, self.block_bwd)
-        self.block_param = _block(self.cp, self.hwp)
+        size = x.element_size()
+        # chunk rows: 16 float32 channels (4 float64: 8 spill a few bytes at 128
+        # registers, bench/gpu_build_check.py --shapes range); the inverse's backward
+        # keeps more tiles live (u, z rows, grad u and both reductions): half
+        self.chunk = min(self.cp, _CHUNK if size <= 4 else _CHUNK // 4)
+        self.chunk_inv_bwd = max(1, self.chunk // 2)
+        self.block_chunk = _lane_block(self.chunk, self.hw, size, _CHUNK_BUDGET)
+        self.tiles_chunk = triton.cdiv(self.hw, self.block_chunk)
+        self.block_param = _block(self.cp, self.hwp, _TILE_ELEMENTS * 4 // size)
         self.tiles_param = triton.cdiv(self.hwp, self.block_param)
 
 
@@ -372,8 +422,8 @@ def _vn_mean(h: torch.Tensor, geo: _Geometry, cvn: bool, clamp: float) -> torch.
         part = torch.empty(geo.batch * geo.tiles_param, geo.cp, device=h.device, dtype=acc)
     launch(
         _vn_sum_kernel, (geo.tiles_param, geo.batch),
-        h, part, geo.hwp, geo.tiles_param, clamp,
-        C=geo.channels, CP=geo.cp, CVN=cvn, GAIN=SOFT_CLAMP_GAIN, ACC=acc_dtype(h.dtype),
+        h, part, geo.channels, geo.hwp, geo.tiles_param, clamp,
+        CP=geo.cp, CVN=cvn, GAIN=SOFT_CLAMP_GAIN, ACC=acc_dtype(h.dtype),
         BLOCK=geo.block_param,
     )  # fmt: skip
     total = part.sum(dim=0) / _vn_count(geo, cvn)
@@ -428,10 +478,11 @@ def _apply_coupling(
     mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
     result = torch.empty_like(source)
     launch(
-        kernel, (geo.tiles, geo.batch),
-        source, h, weight, mean, result, geo.hw, geo.width, geo.hwp, geo.wp, clamp,
-        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
-        ACC=acc_dtype(source.dtype), BLOCK_P=geo.block,
+        kernel, (geo.tiles_chunk, geo.batch),
+        source, h, weight, mean, result, geo.channels, geo.hw, geo.width, geo.hwp, geo.wp,
+        clamp,
+        CP=geo.chunk, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        ACC=acc_dtype(source.dtype), BLOCK_P=geo.block_chunk,
     )  # fmt: skip
     return result, mean
 
@@ -445,14 +496,14 @@ def _grad_buffers(
     picked_all = geo.kh == 1 and geo.kw == 1
     grad_h = torch.empty_like(h) if picked_all else torch.zeros_like(h)
     wpart = torch.empty(
-        geo.batch * geo.tiles_bwd, geo.channels * geo.cp, device=h.device, dtype=acc
+        geo.batch * geo.tiles_chunk, geo.channels * geo.channels, device=h.device, dtype=acc
     )
     if not training:
         gpart = torch.empty(1, device=h.device, dtype=acc)
     elif cvn:
         gpart = torch.empty(geo.batch, geo.hw, device=h.device, dtype=acc)
     else:
-        gpart = torch.empty(geo.batch * geo.tiles_bwd, geo.cp, device=h.device, dtype=acc)
+        gpart = torch.empty(geo.batch * geo.tiles_chunk, geo.channels, device=h.device, dtype=acc)
     return grad_h, wpart, gpart
 
 
@@ -477,8 +528,8 @@ def _finish_vn_grad(
         corr = corr - grad_mean.reshape(corr.shape).to(corr.dtype) / count
     launch(
         _vn_grad_kernel, (geo.tiles_param, geo.batch),
-        grad_h, h, corr.contiguous(), geo.hwp, clamp,
-        C=geo.channels, CP=geo.cp, CVN=cvn, GAIN=SOFT_CLAMP_GAIN, ACC=acc_dtype(h.dtype),
+        grad_h, h, corr.contiguous(), geo.channels, geo.hwp, clamp,
+        CP=geo.cp, CVN=cvn, GAIN=SOFT_CLAMP_GAIN, ACC=acc_dtype(h.dtype),
         BLOCK=geo.block_param,
     )  # fmt: skip
 
@@ -500,15 +551,15 @@ def _backward_impl(
     grad_x = torch.empty_like(x)
     grad_h, wpart, gpart = _grad_buffers(h, geo, cvn, training)
     launch(
-        _coupling_bwd_kernel, (geo.tiles_bwd, geo.batch),
+        _coupling_bwd_kernel, (geo.tiles_chunk, geo.batch),
         x, h, weight, mean, grad_z, grad_x, grad_h, wpart, gpart,
-        geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_bwd, clamp,
-        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
-        FINAL=not training, ACC=acc_dtype(x.dtype), BLOCK_P=geo.block_bwd,
+        geo.channels, geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_chunk, clamp,
+        CP=geo.chunk, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        FINAL=not training, ACC=acc_dtype(x.dtype), BLOCK_P=geo.block_chunk,
     )  # fmt: skip
     if training:
         _finish_vn_grad(grad_h, h, gpart, grad_mean, geo, cvn, clamp)
-    grad_w = wpart.sum(dim=0).view(geo.channels, geo.cp)[:, : geo.channels]
+    grad_w = wpart.sum(dim=0).view(geo.channels, geo.channels)
     return grad_x, grad_h, grad_w.to(weight.dtype)
 
 
@@ -529,16 +580,16 @@ def _inverse_backward_impl(
     grad_z = torch.empty_like(z)
     grad_h, wpart, gpart = _grad_buffers(h, geo, cvn, training)
     launch(
-        _coupling_inv_bwd_kernel, (geo.tiles_bwd, geo.batch),
+        _coupling_inv_bwd_kernel, (geo.tiles_chunk, geo.batch),
         z, h, inverse, mean, grad_x, grad_z, grad_h, wpart, gpart,
-        geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_bwd, clamp,
-        C=geo.channels, CP=geo.cp, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
-        FINAL=not training, ACC=acc_dtype(z.dtype), BLOCK_P=geo.block_bwd,
+        geo.channels, geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_chunk, clamp,
+        CP=geo.chunk_inv_bwd, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        FINAL=not training, ACC=acc_dtype(z.dtype), BLOCK_P=geo.block_chunk,
     )  # fmt: skip
     if training:
         _finish_vn_grad(grad_h, h, gpart, None, geo, cvn, clamp)
     # d(W^-1) = -W^-1 dW W^-1  =>  grad W = -W^-T grad(W^-1) W^-T
-    grad_inv = wpart.sum(dim=0).view(geo.cp, geo.channels)[: geo.channels].double()
+    grad_inv = wpart.sum(dim=0).view(geo.channels, geo.channels).double()
     inv_t = inverse_matrix(weight).T
     grad_w = -(inv_t @ grad_inv @ inv_t)
     return grad_z, grad_h, grad_w.to(weight.dtype)

@@ -77,8 +77,18 @@ def test_forward_and_gradients_match_reference(channels, batch, stride, volume_n
 
 
 @pytest.mark.parametrize(
+    ("stride", "volume_norm", "training"), [(2, "SVN", True), (1, "CVN", True), (1, "SVN", False)]
+)
+def test_channels_in_several_chunks_match_reference(stride, volume_norm, training):
+    """C = 37: the kernels loop over run-time chunks of 16 channels (the inverse's
+    backward over 8), the last one partial."""
+    test_forward_and_gradients_match_reference(37, 2, stride, volume_norm, training)
+
+
+@pytest.mark.parametrize(
     ("channels", "batch", "stride", "volume_norm", "training"),
     [
+        (37, 2, 1, "SVN", True),
         (3, 1, 2, "SVN", True),
         (16, 3, 1, "CVN", True),
         (16, 1, 2, "CVN", False),
@@ -111,6 +121,31 @@ def test_inverse_matches_reference_and_undoes_forward(
     (ref * grad_x.double()).sum().backward()
     for name, mine, expected in zip(("z", "h", "weight"), ours, theirs, strict=True):
         assert relative_error(mine.grad, expected.grad) <= TOL, f"grad {name}"
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+def test_float64_kernels_match_reference_to_float64_precision(inverse):
+    """float64 inputs run the kernels in float64, in chunks of 4 channels (2 in the
+    inverse's backward): C = 6 makes a partial last chunk. The soft clamp's arctangent
+    is a single-precision polynomial in both dtypes: ~1e-8 is the float64 path's floor."""
+    x, h, weight, running_mean = make_inputs(6, 2, 2, "SVN", seed=5)
+    ours = leaves(x, h, weight, dtype=torch.float64)
+    theirs = leaves(x, h, weight, dtype=torch.float64)
+    options = {"volume_norm": "SVN", "training": True}
+    mean = running_mean.double()
+    if inverse:
+        out = coupling_triton.affine_coupling_inverse(*ours, mean, **options)
+        ref = coupling_reference.affine_coupling_inverse(*theirs, mean, **options)
+    else:
+        out = coupling_triton.affine_coupling(*ours, mean, **options)[0]
+        ref = coupling_reference.affine_coupling(*theirs, mean, **options)[0]
+    assert out.dtype == torch.float64
+    assert relative_error(out, ref) <= 1e-7
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (out * grad.to(DEVICE)).sum().backward()
+    (ref * grad.to(DEVICE)).sum().backward()
+    for name, mine, expected in zip(("x", "h", "weight"), ours, theirs, strict=True):
+        assert relative_error(mine.grad, expected.grad) <= 1e-7, f"grad {name}"
 
 
 def test_non_power_of_two_channels_forward_and_gradients():
