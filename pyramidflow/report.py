@@ -27,7 +27,8 @@ class ReportItem:
     """One image in the report; ``label`` is ``"good"``, a defect type, or ``None`` (unknown).
 
     ``overlay`` and the values of ``links`` (e.g. ``{"map": "x_map.tiff"}``) are paths
-    relative to the report's folder."""
+    relative to the report's folder; ``caption`` (default: the source's file name) names
+    the image under it, e.g. ``crack/000.png``."""
 
     source: str
     score: float
@@ -35,6 +36,7 @@ class ReportItem:
     is_anomalous: bool | None = None
     label: str | None = None
     links: dict[str, str] = field(default_factory=dict)
+    caption: str | None = None  # shown under the image; default: the source's file name
 
 
 def _href(relative: str) -> str:
@@ -162,7 +164,7 @@ def _card(item: ReportItem) -> str:
         f'<figure class="{css}"><a href="{_href(item.overlay)}"><img '
         f'src="{_href(item.overlay)}" alt="{html.escape(item.source)}" '
         f'title="{html.escape(item.source)}" loading="lazy"></a><figcaption>'
-        f"{html.escape(Path(item.source).name)}<br>score {score}{verdict}{label}"
+        f"{html.escape(item.caption or Path(item.source).name)}<br>score {score}{verdict}{label}"
         f"{'<br>' + links if links else ''}</figcaption></figure>"
     )
 

@@ -293,6 +293,44 @@ def test_corrupt_file_is_skipped_and_the_others_processed(
         assert all((out / f"{name}{s}").is_file() for s in predict.IMAGE_SUFFIXES)
 
 
+def test_mvtec_test_folder_is_taken_with_its_subfolders_kept_apart(
+    model: Path, category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    test = tmp_path / "test"
+    shutil.copytree(category / "test", test)
+    expected = sorted(p.relative_to(test).as_posix() for p in test.rglob("*.png"))
+    assert "good/000.png" in expected and len({Path(k).name for k in expected}) < len(expected)
+    out = test / "results"  # inside the input folder: must not be read back on a rerun
+    code, stdout, err = run(["predict", model, test, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+
+    rows = read_csv(out / "scores.csv")
+    assert [Path(r["file"]).relative_to(test).as_posix() for r in rows] == expected
+    stems = [k.removesuffix(".png").replace("/", "_") for k in expected]
+    assert [r["map"] for r in rows] == [f"{s}_map.tiff" for s in stems]  # crack_000, good_000
+    for row in rows:
+        assert all((out / row[c]).is_file() for c in ("map", "overlay", "mask"))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert all(f">{key}<br>" in page for key in expected)  # captions keep the subfolder
+    assert ">good</text>" in page and ">defective</text>" in page
+
+    code, stdout, err = run(
+        ["predict", model, test, "--out", out, "--resume", "--no-progress"], capsys
+    )
+    assert code == 0, err
+    assert f"({len(expected)} done earlier, kept)" in stdout and "scored 0 image(s)" in stdout
+    assert len(read_csv(out / "scores.csv")) == len(expected)
+
+
+def test_folder_without_images_anywhere_says_so(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code, _, err = run(["predict", model, tmp_path / "empty", "--out", tmp_path / "o"], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert "empty: folder holds no images" in err and "subfolders" in err
+
+
 # -- report -----------------------------------------------------------------------------------
 
 

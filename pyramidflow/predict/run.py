@@ -188,6 +188,7 @@ def run_predict(
     title: str | None = None,
     log: Callable[[str], None] = _stderr,
     overlay_size: int | None = OVERLAY_SIZE,
+    keys: Sequence[str] | None = None,
 ) -> PredictSummary:
     """Score ``paths`` with ``detector`` into the folder ``out`` (see the module doc).
 
@@ -199,6 +200,9 @@ def run_predict(
     e.g. :func:`mvtec_label`. ``overlay_size``: the longest side of overlay and mask PNGs
     (``None``: the image's own size; the map TIFF is always at the image's own size).
     Image files above ``detector.config.max_pixels`` pixels are refused on their header.
+    ``keys``: each input's path inside the folder it was found in (``crack/000.png``, from
+    :func:`~pyramidflow.io.images.expand_named_inputs`), which output names and the
+    report's captions are made of (default: the file names).
     """
     if batch_size < 1:
         raise PyramidFlowError(f"batch size must be >= 1, got {batch_size}")
@@ -206,7 +210,8 @@ def run_predict(
         raise PyramidFlowError(f"overlay size must be >= 1 pixel, got {overlay_size}")
     out = Path(out)
     paths = [Path(p) for p in paths]
-    names = output_names(paths)
+    names = output_names(paths, keys)
+    captions = [p.name for p in paths] if keys is None else list(keys)
     check_outputs(out, names, overwrite=overwrite, resume=resume, paths=paths)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +274,8 @@ def run_predict(
     summary.rows = len(rows)
     write_tables(out, rows)
     if report:
-        summary.report = _write_report(out, rows, paths, names, threshold, label_of, title)
+        sources = dict(zip(names, zip(paths, captions, strict=True), strict=True))
+        summary.report = _write_report(out, rows, sources, threshold, label_of, title)
     return summary
 
 
@@ -336,18 +342,16 @@ def _label_function(
 def _write_report(
     out: Path,
     rows: Sequence[Mapping[str, Any]],
-    paths: Sequence[Path],
-    names: Sequence[str],
+    sources: Mapping[str, tuple[Path, str]],
     threshold: float | None,
     label_of: Callable[[Path], str | None],
     title: str | None,
 ) -> Path:
     from ..report import ReportItem, label_metrics, write_report
 
-    path_of = dict(zip(names, paths, strict=True))
     items = []
     for row in rows:
-        source = path_of[row["name"]]
+        source, caption = sources[row["name"]]
         decision = row.get("decision") or ""
         items.append(
             ReportItem(
@@ -357,6 +361,7 @@ def _write_report(
                 is_anomalous=None if not decision else decision == "anomalous",
                 label=label_of(source),
                 links={k: row[k] for k in ("map", "mask") if row.get(k)},
+                caption=caption,
             )
         )
     return write_report(
