@@ -331,6 +331,25 @@ def test_folder_without_images_anywhere_says_so(
     assert "empty: folder holds no images" in err and "subfolders" in err
 
 
+def test_a_skip_message_is_a_line_of_its_own_under_the_progress_bar(
+    model: Path,
+    category: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    terminal_lines,
+) -> None:
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    shutil.copy(category / "test" / "good" / "000.png", folder / "a.png")
+    (folder / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    code, _, err = run(["predict", model, folder, "--out", tmp_path / "out"], capsys)
+    assert code == 1 and "predicting" in err  # the bar was drawn
+    shown = [line for line in terminal_lines(err) if line]
+    skipped = [line for line in shown if "b_broken.png" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("pyramidflow: skipped "), shown
+    assert not any("predicting" in line and "skipped" in line for line in shown)
+
+
 # -- report -----------------------------------------------------------------------------------
 
 

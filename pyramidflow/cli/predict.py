@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import Detector
     from ..io.images import expand_named_inputs
     from ..predict import OutputExistsError, check_outputs, mvtec_label, output_names, run_predict
+    from ..progress import write_line
 
     # an --out inside an input folder is not read back as input on a rerun
     named = expand_named_inputs(args.inputs, exclude=[args.out])
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         labels=mvtec_label,
         report=not args.no_report,
         title=f"pyramidflow predictions: {Path(args.model).name}",
-        log=lambda message: print(f"{PROG}: {message}", file=sys.stderr),
+        log=lambda message: write_line(f"{PROG}: {message}"),
         overlay_size=args.overlay_size,
         keys=keys,
     )

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from .. import preprocess
 from ..errors import PyramidFlowError
 from ..io.atomic import atomic_write, remove_stale_temporaries
 from ..io.images import read_array
+from ..progress import counter_bar, write_line
 from ..viz import colorize, heat_range, mask_image, overlay, to_display
 from .journal import JOURNAL_VERSION, Journal, model_key, read_journal, write_tables
 from .naming import JOURNAL, REPORT, check_outputs, output_names
@@ -167,10 +167,6 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -186,13 +182,14 @@ def run_predict(
     labels: Callable[[Path], str | None] | Mapping[str, str] | None = None,
     report: bool = True,
     title: str | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = write_line,
     overlay_size: int | None = OVERLAY_SIZE,
     keys: Sequence[str] | None = None,
 ) -> PredictSummary:
     """Score ``paths`` with ``detector`` into the folder ``out`` (see the module doc).
 
-    Unreadable or unusable images are logged (``log``) and listed in the summary's
+    Unreadable or unusable images are logged (``log``; the default prints each message on
+    a line of its own, also while the progress bar is shown) and listed in the summary's
     ``failed``; the others go on. ``resume`` skips images whose row is in the journal and
     whose output files exist; without ``resume`` or ``overwrite`` earlier results in
     ``out`` raise :class:`OutputExistsError` before any work. ``labels`` (a function of the
@@ -250,8 +247,6 @@ def run_predict(
 
     header = {"pyramidflow_predict": JOURNAL_VERSION, "model": key, "threshold": threshold}
     journal = Journal(journal_path, header if write_header else None)
-    from ..progress import counter_bar
-
     bar = counter_bar(len(todo), "predicting", enabled=progress)
     try:
         for batch in _batches(todo, batch_size):
