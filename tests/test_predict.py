@@ -391,6 +391,9 @@ def test_report_shows_labelled_histogram_and_links_only_local_files(
     page = (out / "report.html").read_text(encoding="utf-8")
     assert ">good</text>" in page and ">defective</text>" in page  # labels from test/<type>
     assert "threshold" in page and "image AUROC" in page
+    held_out = Detector.load(model).info["held_out_images"]
+    assert f"quantile of the scores of {held_out} held-out good images" in page
+    assert f"warning: the threshold comes from only {held_out} image(s)" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
     plain = tmp_path / "plain"
@@ -400,6 +403,22 @@ def test_report_shows_labelled_histogram_and_links_only_local_files(
         capsys,
     )  # fmt: skip
     assert code == 0 and not (plain / "report.html").exists()
+
+
+def test_threshold_origin_counts_its_images_and_warns_below_ten(model: Path) -> None:
+    detector = Detector.load(model)
+    held_out = detector.info["held_out_images"]
+    assert detector.threshold_images() == held_out == detector.info["threshold_images"]
+    assert f"only {held_out} image(s)" in (detector.threshold_warning() or "")
+    detector.info = {**detector.info, "threshold_images": 12}
+    assert detector.threshold_warning() is None and "of 12 held-out" in str(
+        detector.threshold_origin()
+    )
+    older = {k: v for k, v in detector.info.items() if k != "threshold_images"}
+    detector.info = older  # saved before the count was recorded: from the split sizes
+    assert detector.threshold_images() == held_out
+    detector.threshold = None
+    assert detector.threshold_origin() is None and detector.threshold_warning() is None
 
 
 # -- names ------------------------------------------------------------------------------------

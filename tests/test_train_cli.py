@@ -170,8 +170,13 @@ def test_eval_data_reports_every_epoch_but_the_saved_model_is_the_last_epoch(
     category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plain, watched = tmp_path / "plain.safetensors", tmp_path / "watched.safetensors"
-    code, _, err = _run(["train", category, "--out", plain, *TINY, *EPOCHS], capsys)
+    code, stdout, err = _run(["train", category, "--out", plain, *TINY, *EPOCHS], capsys)
     assert code == 0, err
+    held_out = load_checkpoint(plain).info["held_out_images"]
+    assert 0 < held_out < 10  # 8 images: the threshold is the quantile of very few scores
+    assert f"0.99 quantile of the scores of {held_out} held-out good images" in stdout
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and f"only {held_out} image(s)" in warnings[0], err
     code, stdout, err = _run(
         ["train", category, "--out", watched, *TINY, *EPOCHS, "--eval-data", category], capsys
     )

@@ -146,6 +146,11 @@ def _train(args: argparse.Namespace, device: Any, *, main_rank: bool) -> int:
             f"trained {detector.info['steps']} steps, last epoch loss {losses[-1]:.4g}; "
             f"wrote {path}"
         )
+        if detector.threshold is not None:
+            print(f"threshold {detector.threshold:.4g}: {detector.threshold_origin()}")
+        warning = detector.threshold_warning()
+        if warning is not None:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     distributed.barrier()  # no rank exits (and tears the group down) before the file exists
     return 0
 

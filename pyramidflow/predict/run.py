@@ -270,7 +270,7 @@ def run_predict(
     write_tables(out, rows)
     if report:
         sources = dict(zip(names, zip(paths, captions, strict=True), strict=True))
-        summary.report = _write_report(out, rows, sources, threshold, label_of, title)
+        summary.report = _write_report(out, rows, sources, detector, label_of, title)
     return summary
 
 
@@ -338,12 +338,14 @@ def _write_report(
     out: Path,
     rows: Sequence[Mapping[str, Any]],
     sources: Mapping[str, tuple[Path, str]],
-    threshold: float | None,
+    detector: Detector,
     label_of: Callable[[Path], str | None],
     title: str | None,
 ) -> Path:
     from ..report import ReportItem, label_metrics, write_report
 
+    threshold = detector.threshold
+    warning = detector.threshold_warning()
     items = []
     for row in rows:
         source, caption = sources[row["name"]]
@@ -365,4 +367,6 @@ def _write_report(
         title=title or "pyramidflow predictions",
         threshold=threshold,
         metrics=label_metrics(items, threshold),
+        threshold_origin=detector.threshold_origin(),
+        warnings=[warning] if warning else [],
     )
