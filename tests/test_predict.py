@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pyramidflow import predict
+from pyramidflow import predict, viz
 from pyramidflow.api import Detector
 from pyramidflow.cli import main
 
@@ -310,6 +310,14 @@ def test_mvtec_test_folder_is_taken_with_its_subfolders_kept_apart(
     assert [r["map"] for r in rows] == [f"{s}_map.tiff" for s in stems]  # crack_000, good_000
     for row in rows:
         assert all((out / row[c]).is_file() for c in ("map", "overlay", "mask"))
+    threshold = Detector.load(model).threshold
+    assert threshold is not None
+    good = np.asarray(Image.open(test / "good" / "000.png"))
+    amap = tifffile.imread(out / "good_000_map.tiff")
+    low = amap < threshold / 2
+    assert low.mean() > 0.5  # a good image is mostly calm
+    picture = np.asarray(Image.open(out / "good_000_overlay.png"))
+    np.testing.assert_array_equal(picture[low], viz.to_display(good)[low])
     page = (out / "report.html").read_text(encoding="utf-8")
     assert all(f">{key}<br>" in page for key in expected)  # captions keep the subfolder
     assert ">good</text>" in page and ">defective</text>" in page
@@ -348,6 +356,30 @@ def test_a_skip_message_is_a_line_of_its_own_under_the_progress_bar(
     skipped = [line for line in shown if "b_broken.png" in line]
     assert len(skipped) == 1 and skipped[0].startswith("pyramidflow: skipped "), shown
     assert not any("predicting" in line and "skipped" in line for line in shown)
+
+
+def test_overlay_keeps_the_image_where_the_map_is_low_and_tints_where_high() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (24, 32), dtype=np.uint8)  # a grayscale part
+    threshold = 0.4
+    amap = np.full((24, 32), 0.1 * threshold, np.float32)
+    amap[:, 8:16] = 0.49 * threshold  # still below half the threshold
+    amap[:, 16:20] = 0.75 * threshold
+    amap[:, 20:24] = threshold
+    amap[:, 24:] = 2.0 * threshold
+    amap[0, 0] = np.nan
+    picture = viz.heat_overlay(image, amap, *viz.heat_range(amap, threshold))
+    gray = np.repeat(image[..., None], 3, axis=2)
+
+    low = amap < threshold / 2
+    np.testing.assert_array_equal(picture[low], gray[low])  # untouched, not tinted purple
+    distance = np.abs(picture.astype(np.int32) - gray).sum(axis=2)
+    assert (distance[:, 16:] > 0).mean() > 0.9 and distance[0, 0] > 0  # tinted
+    # the tint grows with the score: heat colour weight 0 -> 0.35 -> 0.7 -> 0.7
+    heat = viz.colorize(amap, *viz.heat_range(amap, threshold)).astype(np.float32)
+    for columns, weight in ((slice(16, 20), 0.35), (slice(20, 24), 0.7), (slice(24, 32), 0.7)):
+        expected = gray[:, columns] * (1 - weight) + heat[:, columns] * weight
+        assert np.abs(picture[:, columns] - expected).max() <= 1.0, columns
 
 
 # -- report -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 folder:
 
 * ``NAME_map.tiff``: the anomaly map, float32, at the image's own resolution;
-* ``NAME_overlay.png``: the image blended with the map as a heatmap;
+* ``NAME_overlay.png``: the image, tinted with the map's heat colours where the map is
+  high (from half the threshold on) and left as it is elsewhere;
 * ``NAME_mask.png``: 0/255 uint8, the map at or above the model's threshold (only when
   the model has a threshold);
 
@@ -38,7 +39,7 @@ from ..errors import PyramidFlowError
 from ..io.atomic import atomic_write, remove_stale_temporaries
 from ..io.images import read_array
 from ..progress import counter_bar, write_line
-from ..viz import colorize, heat_range, mask_image, overlay, to_display
+from ..viz import heat_overlay, heat_range, mask_image, to_display
 from .journal import JOURNAL_VERSION, Journal, model_key, read_journal, write_tables
 from .naming import JOURNAL, REPORT, check_outputs, output_names
 
@@ -144,7 +145,7 @@ def _write_outputs(
     rows = max(1, 2**20 // max(1, amap.shape[1]))
     for start in range(0, amap.shape[0], rows):
         part = slice(start, start + rows)
-        picture[part] = overlay(picture[part], colorize(amap[part], low, high))
+        picture[part] = heat_overlay(picture[part], amap[part], low, high)
         if mask is not None:
             mask[part] = mask_image(amap[part] >= threshold)
     _write_png(out / files["overlay"], picture)
