@@ -66,6 +66,11 @@ class Evaluation:
     samples: list[Sample]
 
 
+#: Below this many images the threshold is called rough (train, report).
+MIN_THRESHOLD_IMAGES = 10
+HELD_OUT = "held-out good images"
+
+
 class Detector:
     """A PyramidFlow model with its latent template, preprocessing and thresholds."""
 
@@ -146,7 +151,7 @@ class Detector:
             on_epoch=after_epoch if eval_data is not None or on_epoch is not None else None,
         )
         self._compute_template(model, train_images, progress)
-        source_of_threshold = "held-out good images" if held_out else "training images"
+        source_of_threshold = HELD_OUT if held_out else "training images"
         _, scores = self.score_batch(reference)
         self.threshold = float(np.quantile(scores.numpy(), self.config.threshold_quantile))
         self.info = {
@@ -154,6 +159,8 @@ class Detector:
             "held_out_images": int(len(held_out)),
             "threshold": self.threshold,
             "threshold_from": source_of_threshold,
+            "threshold_images": int(len(reference)),
+            "threshold_quantile": self.config.threshold_quantile,
             "steps": report.steps,
             "epoch_losses": report.epoch_losses,
             "train_seconds": round(report.seconds, 3),
@@ -168,6 +175,40 @@ class Detector:
             self.info["epoch_metrics"] = epoch_metrics
             self.info["epoch_metrics_data"] = str(eval_data)
         return self
+
+    def threshold_images(self) -> int | None:
+        """How many images' scores the threshold is a quantile of (``None``: unknown, e.g.
+        imported weights). Models saved before this was recorded: from the split sizes."""
+        info = self.info
+        if self.threshold is None:
+            return None
+        if "threshold_images" in info:
+            return int(info["threshold_images"])
+        key = "held_out_images" if info.get("threshold_from") == HELD_OUT else "training_images"
+        return int(info[key]) if key in info else None
+
+    def threshold_origin(self) -> str | None:
+        """Where the threshold comes from, for people: ``"0.99 quantile of the scores of 3
+        held-out good images"`` (``None`` when unknown)."""
+        count = self.threshold_images()
+        if count is None:
+            return None
+        quantile = self.info.get("threshold_quantile", self.config.threshold_quantile)
+        source = self.info.get("threshold_from", "images")
+        return f"{quantile:g} quantile of the scores of {count} {source}"
+
+    def threshold_warning(self) -> str | None:
+        """One line when the threshold comes from fewer than :data:`MIN_THRESHOLD_IMAGES`
+        images: a high quantile of so few scores is about their maximum and flags good
+        images more often than the quantile promises."""
+        count = self.threshold_images()
+        if count is None or count >= MIN_THRESHOLD_IMAGES:
+            return None
+        return (
+            f"the threshold comes from only {count} image(s) (fewer than "
+            f"{MIN_THRESHOLD_IMAGES}): expect good images to be flagged; train on more good "
+            "images or hold out more of them (config holdout_fraction)"
+        )
 
     def _compute_template(self, model: PyramidFlow, images: torch.Tensor, progress: bool) -> None:
         """The template, and the spread when the scoring recipe needs it."""

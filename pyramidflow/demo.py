@@ -23,7 +23,7 @@ from .benchmark import CategoryJob, run_categories
 from .config import Config
 from .io.images import read_array, to_channels
 from .synthetic import DEMO_CATEGORIES, TEXTURE_CATEGORIES, generate_demo_dataset
-from .viz import colorize, overlay
+from .viz import heat_overlay
 
 DEMO_SETTINGS: dict[str, Any] = {
     "image_size": 64,
@@ -45,9 +45,10 @@ def demo_config(category: str, **overrides: Any) -> Config:
 
 
 def write_overlays(evaluation: Evaluation, folder: Path) -> None:
-    """One PNG per test image: the image blended with its anomaly heatmap at the map's
-    resolution (the one metrics were computed at), all on one colour scale per category so
-    that images can be compared. Each image is read once, for the background."""
+    """One PNG per test image: the image tinted with its anomaly heatmap where the map is
+    high (:func:`~pyramidflow.viz.heat_overlay`), at the map's resolution (the one metrics
+    were computed at), all on one colour scale per category so that images can be compared.
+    Each image is read once, for the background."""
     folder.mkdir(parents=True, exist_ok=True)
     vmin, vmax = np.percentile(evaluation.maps, [1.0, 99.9])
     for sample, amap in zip(evaluation.samples, evaluation.maps, strict=True):
@@ -56,7 +57,7 @@ def write_overlays(evaluation: Evaluation, folder: Path) -> None:
         pixels = to_channels(array, 3 if colour else 1, str(sample.path))
         tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         background = preprocess.resize(tensor, amap.shape)[0].permute(1, 2, 0).numpy()
-        picture = overlay(background, colorize(amap, vmin, vmax))
+        picture = heat_overlay(background, amap, vmin, vmax)
         Image.fromarray(picture).save(folder / f"{sample.defect_type}_{sample.path.stem}.png")
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -22,3 +23,9 @@ def progress_bar(
 def counter_bar(total: int, description: str, *, enabled: bool = True) -> tqdm:
     """A manually advanced bar (``update``/``set_postfix``/``close``); silent when disabled."""
     return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, disable=not enabled)
+
+
+def write_line(message: str, file: TextIO | None = None) -> None:
+    """Print ``message`` (to stderr by default) as a line of its own: active bars are
+    cleared first and redrawn below it, so the message never lands on a bar's line."""
+    tqdm.write(message, file=sys.stderr if file is None else file)

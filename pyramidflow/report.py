@@ -27,7 +27,8 @@ class ReportItem:
     """One image in the report; ``label`` is ``"good"``, a defect type, or ``None`` (unknown).
 
     ``overlay`` and the values of ``links`` (e.g. ``{"map": "x_map.tiff"}``) are paths
-    relative to the report's folder."""
+    relative to the report's folder; ``caption`` (default: the source's file name) names
+    the image under it, e.g. ``crack/000.png``."""
 
     source: str
     score: float
@@ -35,6 +36,7 @@ class ReportItem:
     is_anomalous: bool | None = None
     label: str | None = None
     links: dict[str, str] = field(default_factory=dict)
+    caption: str | None = None  # shown under the image; default: the source's file name
 
 
 def _href(relative: str) -> str:
@@ -162,7 +164,7 @@ def _card(item: ReportItem) -> str:
         f'<figure class="{css}"><a href="{_href(item.overlay)}"><img '
         f'src="{_href(item.overlay)}" alt="{html.escape(item.source)}" '
         f'title="{html.escape(item.source)}" loading="lazy"></a><figcaption>'
-        f"{html.escape(Path(item.source).name)}<br>score {score}{verdict}{label}"
+        f"{html.escape(item.caption or Path(item.source).name)}<br>score {score}{verdict}{label}"
         f"{'<br>' + links if links else ''}</figcaption></figure>"
     )
 
@@ -175,11 +177,15 @@ def write_report(
     threshold: float | None = None,
     metrics: Mapping[str, float] | None = None,
     max_images: int = 500,
+    threshold_origin: str | None = None,
+    warnings: Sequence[str] = (),
 ) -> Path:
     """Write the HTML report to ``path`` (atomically) and return it.
 
     The grid shows the ``max_images`` highest-scoring images (all of them are in the
-    histogram); links are relative to ``path``'s folder."""
+    histogram); links are relative to ``path``'s folder. ``threshold_origin`` (e.g. "0.99
+    quantile of the scores of 3 held-out good images") is shown beside the threshold,
+    ``warnings`` as lines of their own above the metrics."""
     path = Path(path)
     ranked = sorted(items, key=lambda i: -i.score if math.isfinite(i.score) else -math.inf)
     shown = ranked[:max_images]
@@ -192,7 +198,9 @@ def write_report(
     flagged = sum(1 for i in items if i.is_anomalous)
     summary = f"{len(items)} image(s)"
     if threshold is not None:
-        summary += f"; threshold {threshold:.4g}; {flagged} flagged anomalous"
+        origin = f" ({html.escape(threshold_origin)})" if threshold_origin else ""
+        summary += f"; threshold {threshold:.4g}{origin}; {flagged} flagged anomalous"
+    notes = "".join(f'<p class="warning">warning: {html.escape(w)}</p>' for w in warnings)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -202,9 +210,11 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 figure {{ margin: 0; width: 200px; font-size: 12px; overflow-wrap: anywhere; }}
 figure img {{ width: 200px; image-rendering: pixelated; }}
 figure.anomalous figcaption {{ color: #c0392b; font-weight: bold; }}
+.warning {{ color: #a04000; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{summary}</p>
+{notes}
 {"" if not metrics else "<h2>Metrics</h2>" + _metrics_table(metrics)}
 <h2>Image scores</h2>
 {_histogram_svg(items, threshold)}

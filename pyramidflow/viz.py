@@ -80,8 +80,10 @@ def to_display(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend an image (H, W[, C], float in [0, 1] or uint8) with a uint8 heatmap."""
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float | np.ndarray = 0.5) -> np.ndarray:
+    """Blend an image (H, W[, C], float in [0, 1] or uint8) with a uint8 heatmap, at one
+    opacity ``alpha`` or one per pixel ((H, W), e.g. :func:`heat_opacity`); where it is 0 the
+    image is unchanged."""
     img = np.asarray(image)
     if img.dtype != np.uint8:
         img = (np.clip(img.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
@@ -90,7 +92,33 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     img = img[..., :3].astype(np.float32)
-    return (img * (1.0 - alpha) + heat.astype(np.float32) * alpha).round().astype(np.uint8)
+    weight = np.asarray(alpha, dtype=np.float32)
+    if weight.ndim == 2:
+        weight = weight[..., None]
+    return (img * (1.0 - weight) + heat.astype(np.float32) * weight).round().astype(np.uint8)
+
+
+#: Strongest tint of an overlay (at the threshold and above): the part still shows through.
+MAX_OPACITY = 0.7
+
+
+def heat_opacity(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Per-pixel opacity of the heatmap over the image, (H, W) float32: 0 (the image as it
+    is) up to a quarter of the colour scale, rising linearly to :data:`MAX_OPACITY` at its
+    middle and staying there. With a threshold the scale is ``[0, 2 * threshold]``
+    (:func:`heat_range`), so normal regions stay untinted below half the threshold and
+    pixels at the threshold get the full tint. Non-finite values get the full tint."""
+    span = max(float(vmax) - float(vmin), 1e-12)
+    position = (np.asarray(values, dtype=np.float32) - float(vmin)) / span
+    ramp = np.clip((position - 0.25) / 0.25, 0.0, 1.0)
+    ramp = np.where(np.isfinite(ramp), ramp, 1.0)
+    return (ramp * MAX_OPACITY).astype(np.float32)
+
+
+def heat_overlay(image: np.ndarray, values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """The image with its map's heat colours (:func:`colorize`) where the map is high,
+    untouched where it is low (:func:`heat_opacity`): uint8 RGB (H, W, 3)."""
+    return overlay(image, colorize(values, vmin, vmax), heat_opacity(values, vmin, vmax))
 
 
 def mask_image(mask: np.ndarray) -> np.ndarray:

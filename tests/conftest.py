@@ -101,3 +101,29 @@ def tiny_model(tiny_category: Path, tmp_path_factory: pytest.TempPathFactory) ->
     detector = Detector(TINY_CONFIG).fit(tiny_category)
     assert detector.threshold is not None
     return detector.save(tmp_path_factory.mktemp("tiny_model") / "disc.safetensors")
+
+
+def render_terminal(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: ``\\r`` returns to the line's start and
+    later characters overwrite earlier ones (how progress bars redraw themselves)."""
+    lines = []
+    for raw in text.split("\n"):
+        shown: list[str] = []
+        column = 0
+        for char in raw:
+            if char == "\r":
+                column = 0
+                continue
+            if column < len(shown):
+                shown[column] = char
+            else:
+                shown.append(char)
+            column += 1
+        lines.append("".join(shown).rstrip())
+    return lines
+
+
+@pytest.fixture
+def terminal_lines():
+    """:func:`render_terminal`, for tests that check what a user sees beside a bar."""
+    return render_terminal

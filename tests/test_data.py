@@ -17,7 +17,14 @@ from PIL import Image
 from pyramidflow.config import Config
 from pyramidflow.errors import DataError
 from pyramidflow.io.datasets import BTAD_LAYOUT, find_categories, open_category, training_images
-from pyramidflow.io.images import expand_inputs, read_array, read_image, read_mask, resize_mask
+from pyramidflow.io.images import (
+    expand_inputs,
+    expand_named_inputs,
+    read_array,
+    read_image,
+    read_mask,
+    resize_mask,
+)
 from pyramidflow.preprocess import load_stack
 from pyramidflow.synthetic import DEFECT_TYPES, generate_category
 
@@ -477,15 +484,25 @@ def loose_images(tmp_path: Path) -> Path:
     return folder
 
 
-def test_expand_inputs_folder_lists_its_images_sorted(loose_images: Path) -> None:
+def test_expand_inputs_folder_lists_its_images_and_subfolders_sorted(loose_images: Path) -> None:
+    (loose_images / ".cache").mkdir()
+    Image.fromarray(RGB8).save(loose_images / ".cache" / "hidden.png")
     found = expand_inputs([loose_images])
-    assert [p.name for p in found] == ["a.jpg", "b.png", "c.tif"]
+    assert [p.relative_to(loose_images).as_posix() for p in found] == [
+        "a.jpg",
+        "b.png",
+        "c.tif",
+        "nested/d.png",
+    ]
+    assert expand_inputs([loose_images], exclude=[loose_images / "nested"])[-1].name == "c.tif"
+    named = expand_named_inputs([loose_images / "a.jpg", str(loose_images / "*" / "*.png")])
+    assert [key for _, key in named] == ["a.jpg", "nested/d.png"]
 
 
 def test_expand_inputs_files_globs_order_and_duplicates(loose_images: Path) -> None:
     single = loose_images / "c.tif"
     found = expand_inputs([single, str(loose_images / "*.png"), loose_images])
-    assert [p.name for p in found] == ["c.tif", "b.png", "a.jpg"]
+    assert [p.name for p in found] == ["c.tif", "b.png", "a.jpg", "d.png"]
     recursive = expand_inputs([str(loose_images / "**" / "*.png")])
     assert {p.name for p in recursive} == {"b.png", "d.png"}
 

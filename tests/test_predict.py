@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pyramidflow import predict
+from pyramidflow import predict, viz
 from pyramidflow.api import Detector
 from pyramidflow.cli import main
 
@@ -293,6 +293,95 @@ def test_corrupt_file_is_skipped_and_the_others_processed(
         assert all((out / f"{name}{s}").is_file() for s in predict.IMAGE_SUFFIXES)
 
 
+def test_mvtec_test_folder_is_taken_with_its_subfolders_kept_apart(
+    model: Path, category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    test = tmp_path / "test"
+    shutil.copytree(category / "test", test)
+    expected = sorted(p.relative_to(test).as_posix() for p in test.rglob("*.png"))
+    assert "good/000.png" in expected and len({Path(k).name for k in expected}) < len(expected)
+    out = test / "results"  # inside the input folder: must not be read back on a rerun
+    code, stdout, err = run(["predict", model, test, "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+
+    rows = read_csv(out / "scores.csv")
+    assert [Path(r["file"]).relative_to(test).as_posix() for r in rows] == expected
+    stems = [k.removesuffix(".png").replace("/", "_") for k in expected]
+    assert [r["map"] for r in rows] == [f"{s}_map.tiff" for s in stems]  # crack_000, good_000
+    for row in rows:
+        assert all((out / row[c]).is_file() for c in ("map", "overlay", "mask"))
+    threshold = Detector.load(model).threshold
+    assert threshold is not None
+    good = np.asarray(Image.open(test / "good" / "000.png"))
+    amap = tifffile.imread(out / "good_000_map.tiff")
+    low = amap < threshold / 2
+    assert low.mean() > 0.5  # a good image is mostly calm
+    picture = np.asarray(Image.open(out / "good_000_overlay.png"))
+    np.testing.assert_array_equal(picture[low], viz.to_display(good)[low])
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert all(f">{key}<br>" in page for key in expected)  # captions keep the subfolder
+    assert ">good</text>" in page and ">defective</text>" in page
+
+    code, stdout, err = run(
+        ["predict", model, test, "--out", out, "--resume", "--no-progress"], capsys
+    )
+    assert code == 0, err
+    assert f"({len(expected)} done earlier, kept)" in stdout and "scored 0 image(s)" in stdout
+    assert len(read_csv(out / "scores.csv")) == len(expected)
+
+
+def test_folder_without_images_anywhere_says_so(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code, _, err = run(["predict", model, tmp_path / "empty", "--out", tmp_path / "o"], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert "empty: folder holds no images" in err and "subfolders" in err
+
+
+def test_a_skip_message_is_a_line_of_its_own_under_the_progress_bar(
+    model: Path,
+    category: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    terminal_lines,
+) -> None:
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    shutil.copy(category / "test" / "good" / "000.png", folder / "a.png")
+    (folder / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    code, _, err = run(["predict", model, folder, "--out", tmp_path / "out"], capsys)
+    assert code == 1 and "predicting" in err  # the bar was drawn
+    shown = [line for line in terminal_lines(err) if line]
+    skipped = [line for line in shown if "b_broken.png" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("pyramidflow: skipped "), shown
+    assert not any("predicting" in line and "skipped" in line for line in shown)
+
+
+def test_overlay_keeps_the_image_where_the_map_is_low_and_tints_where_high() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (24, 32), dtype=np.uint8)  # a grayscale part
+    threshold = 0.4
+    amap = np.full((24, 32), 0.1 * threshold, np.float32)
+    amap[:, 8:16] = 0.49 * threshold  # still below half the threshold
+    amap[:, 16:20] = 0.75 * threshold
+    amap[:, 20:24] = threshold
+    amap[:, 24:] = 2.0 * threshold
+    amap[0, 0] = np.nan
+    picture = viz.heat_overlay(image, amap, *viz.heat_range(amap, threshold))
+    gray = np.repeat(image[..., None], 3, axis=2)
+
+    low = amap < threshold / 2
+    np.testing.assert_array_equal(picture[low], gray[low])  # untouched, not tinted purple
+    distance = np.abs(picture.astype(np.int32) - gray).sum(axis=2)
+    assert (distance[:, 16:] > 0).mean() > 0.9 and distance[0, 0] > 0  # tinted
+    # the tint grows with the score: heat colour weight 0 -> 0.35 -> 0.7 -> 0.7
+    heat = viz.colorize(amap, *viz.heat_range(amap, threshold)).astype(np.float32)
+    for columns, weight in ((slice(16, 20), 0.35), (slice(20, 24), 0.7), (slice(24, 32), 0.7)):
+        expected = gray[:, columns] * (1 - weight) + heat[:, columns] * weight
+        assert np.abs(picture[:, columns] - expected).max() <= 1.0, columns
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -334,6 +423,9 @@ def test_report_shows_labelled_histogram_and_links_only_local_files(
     page = (out / "report.html").read_text(encoding="utf-8")
     assert ">good</text>" in page and ">defective</text>" in page  # labels from test/<type>
     assert "threshold" in page and "image AUROC" in page
+    held_out = Detector.load(model).info["held_out_images"]
+    assert f"quantile of the scores of {held_out} held-out good images" in page
+    assert f"warning: the threshold comes from only {held_out} image(s)" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
     plain = tmp_path / "plain"
@@ -343,6 +435,22 @@ def test_report_shows_labelled_histogram_and_links_only_local_files(
         capsys,
     )  # fmt: skip
     assert code == 0 and not (plain / "report.html").exists()
+
+
+def test_threshold_origin_counts_its_images_and_warns_below_ten(model: Path) -> None:
+    detector = Detector.load(model)
+    held_out = detector.info["held_out_images"]
+    assert detector.threshold_images() == held_out == detector.info["threshold_images"]
+    assert f"only {held_out} image(s)" in (detector.threshold_warning() or "")
+    detector.info = {**detector.info, "threshold_images": 12}
+    assert detector.threshold_warning() is None and "of 12 held-out" in str(
+        detector.threshold_origin()
+    )
+    older = {k: v for k, v in detector.info.items() if k != "threshold_images"}
+    detector.info = older  # saved before the count was recorded: from the split sizes
+    assert detector.threshold_images() == held_out
+    detector.threshold = None
+    assert detector.threshold_origin() is None and detector.threshold_warning() is None
 
 
 # -- names ------------------------------------------------------------------------------------

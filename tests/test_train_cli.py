@@ -3,6 +3,7 @@ the model, and the matching Detector.fit keywords."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -169,8 +170,13 @@ def test_eval_data_reports_every_epoch_but_the_saved_model_is_the_last_epoch(
     category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plain, watched = tmp_path / "plain.safetensors", tmp_path / "watched.safetensors"
-    code, _, err = _run(["train", category, "--out", plain, *TINY, *EPOCHS], capsys)
+    code, stdout, err = _run(["train", category, "--out", plain, *TINY, *EPOCHS], capsys)
     assert code == 0, err
+    held_out = load_checkpoint(plain).info["held_out_images"]
+    assert 0 < held_out < 10  # 8 images: the threshold is the quantile of very few scores
+    assert f"0.99 quantile of the scores of {held_out} held-out good images" in stdout
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and f"only {held_out} image(s)" in warnings[0], err
     code, stdout, err = _run(
         ["train", category, "--out", watched, *TINY, *EPOCHS, "--eval-data", category], capsys
     )
@@ -192,6 +198,26 @@ def test_eval_data_reports_every_epoch_but_the_saved_model_is_the_last_epoch(
         capsys,
     )
     assert code == 1 and str(tmp_path) in err  # checked before training starts
+
+
+def test_epoch_lines_under_the_training_bar_are_lines_of_their_own(
+    category: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    terminal_lines,
+) -> None:
+    screen = io.StringIO()  # one terminal for both streams, as a user sees them
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    with_bar = [a for a in TINY if a != "--no-progress"]
+    out = tmp_path / "m.safetensors"
+    code = main([str(a) for a in ["train", category, "--out", out, *with_bar, *EPOCHS,
+                                  "--eval-data", category]])  # fmt: skip
+    shown = [line for line in terminal_lines(screen.getvalue()) if line]
+    assert code == 0 and any("training" in line for line in screen.getvalue().split("\r"))
+    epochs = [line for line in shown if "pixel_auroc" in line]
+    assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"], shown
+    assert all(line.startswith("epoch ") for line in epochs), shown
 
 
 def test_fit_evaluation_leaves_the_global_rng_and_training_mode_alone(category: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,8 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``predict`` on the ``pyramidflow`` parser's subparsers."""
     p = subparsers.add_parser(
         "predict",
-        help="anomaly maps, masks, scores and an HTML report for image files, folders, globs",
+        help="anomaly maps, masks, scores and an HTML report for image files, folders "
+        "(with their subfolders), globs",
         description="Writes per image NAME_map.tiff (float32, original resolution), "
         "NAME_overlay.png and NAME_mask.png (0/255 at the model's threshold), and "
         "scores.csv / scores.json (file, score, decision, map, overlay, mask) and "
@@ -32,7 +31,12 @@ def add_command(subparsers: Any) -> argparse.ArgumentParser:
         "files are reported and skipped (exit code 1).",
     )
     p.add_argument("model", type=Path, help="model file written by `train`")
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files, folders (subfolders included: test/crack/000.png is written as "
+        "crack_000_*) or glob patterns",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -67,21 +71,18 @@ def _overlay_size(text: str) -> int | None:
     return int(positive(int)(text))
 
 
-def _output_names(paths: Sequence[Path]) -> list[str]:
-    """Unique, safe output stems, stable for the same inputs (see predict.output_names)."""
-    from ..predict import output_names
-
-    return output_names(paths)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..api import Detector
-    from ..io.images import expand_inputs
-    from ..predict import OutputExistsError, check_outputs, mvtec_label, run_predict
+    from ..io.images import expand_named_inputs
+    from ..predict import OutputExistsError, check_outputs, mvtec_label, output_names, run_predict
+    from ..progress import write_line
 
-    paths = expand_inputs(args.inputs)
+    # an --out inside an input folder is not read back as input on a rerun
+    named = expand_named_inputs(args.inputs, exclude=[args.out])
+    paths = [path for path, _ in named]
+    keys = [key for _, key in named]
     try:  # before loading the model: a usage mistake should cost nothing
-        names = _output_names(paths)
+        names = output_names(paths, keys)
         check_outputs(args.out, names, overwrite=args.overwrite, resume=args.resume, paths=paths)
     except OutputExistsError as exc:
         raise UsageError(str(exc)) from None
@@ -97,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         labels=mvtec_label,
         report=not args.no_report,
         title=f"pyramidflow predictions: {Path(args.model).name}",
-        log=lambda message: print(f"{PROG}: {message}", file=sys.stderr),
+        log=lambda message: write_line(f"{PROG}: {message}"),
         overlay_size=args.overlay_size,
+        keys=keys,
     )
     done = f"scored {summary.scored} image(s) into {summary.out}"
     if summary.resumed:

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, device: Any, *, main_rank: bool) -> int:
     from ..api import Detector
     from ..io.datasets import training_images
+    from ..progress import write_line
     from ..training import distributed
 
     config = config_from_args(args)
@@ -124,7 +125,8 @@ def _train(args: argparse.Namespace, device: Any, *, main_rank: bool) -> int:
                 for name in ("pixel_auroc", "image_auroc", "aupro")
                 if name in metrics
             )
-            print(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4g}  {shown}", flush=True)
+            # its own line under the training bar, on stdout as before
+            write_line(f"epoch {epoch + 1}/{config.epochs}  loss {loss:.4g}  {shown}", sys.stdout)
 
     detector = Detector(config, device=device).fit(
         args.data,
@@ -144,6 +146,11 @@ def _train(args: argparse.Namespace, device: Any, *, main_rank: bool) -> int:
             f"trained {detector.info['steps']} steps, last epoch loss {losses[-1]:.4g}; "
             f"wrote {path}"
         )
+        if detector.threshold is not None:
+            print(f"threshold {detector.threshold:.4g}: {detector.threshold_origin()}")
+        warning = detector.threshold_warning()
+        if warning is not None:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     distributed.barrier()  # no rank exits (and tears the group down) before the file exists
     return 0
 

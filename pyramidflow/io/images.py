@@ -272,24 +272,83 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files, folders (their images) and glob patterns -> image paths, in the given order."""
-    paths: list[Path] = []
+def images_below(
+    folder: str | os.PathLike[str], exclude: Sequence[str | os.PathLike[str]] = ()
+) -> list[Path]:
+    """Image files in ``folder`` and its subfolders, sorted by their path inside it
+    (``crack/000.png`` after ``b.png``). Hidden subfolders (``.git``, ``.ipynb_checkpoints``),
+    the ``exclude`` folders (an output folder inside the input) and folder links are not
+    entered."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    skip = {Path(e).resolve() for e in exclude}
+    found: list[Path] = []
+    for current, dirs, files in os.walk(folder, onerror=_raise_walk_error):
+        here = Path(current)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and (here / d).resolve() not in skip]
+        for name in files:
+            path = here / name
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _raise_walk_error(error: OSError) -> None:
+    raise DataError(f"{error.filename}: cannot list this folder ({error.strerror})")
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder a glob pattern starts from: its leading parts without wildcards."""
+    parts = Path(pattern).parts
+    literal = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        literal.append(part)
+    return Path(*literal) if literal else Path()
+
+
+def expand_named_inputs(
+    inputs: Sequence[str | os.PathLike[str]], exclude: Sequence[str | os.PathLike[str]] = ()
+) -> list[tuple[Path, str]]:
+    """Files, folders (their images, subfolders included: :func:`images_below`) and glob
+    patterns -> ``(image path, key)`` in the given order, each path once.
+
+    The key names the image relative to what it was found through: the path inside the
+    folder (``crack/000.png``) or below a pattern's fixed part, and a file's own name for a
+    file; output names are made from it, so ``test/good/000.png`` and ``test/crack/000.png``
+    stay apart."""
+    named: dict[Path, str] = {}
     for item in inputs:
         text = str(item)
         path = Path(text)
         if path.is_dir():
-            found = list_images(path)
+            found = images_below(path, exclude)
             if not found:
-                raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            paths.extend(found)
+                raise DataError(
+                    f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)}), "
+                    "not in its subfolders either"
+                )
+            for image in found:
+                named.setdefault(image, image.relative_to(path).as_posix())
         elif path.is_file():
-            paths.append(path)
+            named.setdefault(path, path.name)
         elif glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
             if not matches:
                 raise DataError(f"{text}: pattern matches no files")
-            paths.extend(matches)
+            base = _glob_base(text)
+            for image in matches:
+                named.setdefault(image, image.relative_to(base).as_posix())
         else:
             raise DataError(f"{path}: no such file or folder")
-    return list(dict.fromkeys(paths))
+    return list(named.items())
+
+
+def expand_inputs(
+    inputs: Sequence[str | os.PathLike[str]], exclude: Sequence[str | os.PathLike[str]] = ()
+) -> list[Path]:
+    """Files, folders (their images, subfolders included) and glob patterns -> image paths,
+    in the given order (see :func:`expand_named_inputs`)."""
+    return [path for path, _ in expand_named_inputs(inputs, exclude)]

@@ -36,7 +36,11 @@ def safe_stem(path: str | os.PathLike[str]) -> str:
     leading dot or dash (hidden files, options), no ``..``, at most 80 characters, never
     empty or a reserved device name.
     """
-    stem = unicodedata.normalize("NFC", Path(path).stem)
+    return _safe_name(Path(path).stem)
+
+
+def _safe_name(text: str) -> str:
+    stem = unicodedata.normalize("NFC", text)
     chars = [c if c.isalnum() or c in "-_." else "_" for c in stem]
     name = "".join(chars)
     while ".." in name:
@@ -50,17 +54,30 @@ def safe_stem(path: str | os.PathLike[str]) -> str:
     return name
 
 
-def output_names(paths: Sequence[Path]) -> list[str]:
+def key_stem(key: str) -> str:
+    """The output stem of an input key (its path inside the input folder, see
+    ``expand_named_inputs``): the folders joined to the file's stem with ``_``
+    (``crack/000.png`` -> ``crack_000``), then made safe by :func:`safe_stem`."""
+    parts = Path(key).parts
+    if not parts:
+        return _safe_name(key)
+    return _safe_name("_".join([*parts[:-1], Path(parts[-1]).stem]))
+
+
+def output_names(paths: Sequence[Path], keys: Sequence[str] | None = None) -> list[str]:
     """Unique, safe output stems, the same for the same inputs (which resume relies on).
 
-    A name is the file's sanitised stem; when several inputs share one (``000.png`` in
-    ``good/`` and in ``crack/``; also case-insensitively, for macOS and Windows disks), the
-    first keeps it and the others get a short hash of their full path appended.
+    A name is made from the input's key (:func:`key_stem`; without ``keys``, the file's
+    name): ``crack/000.png`` -> ``crack_000``. When several inputs still share one (also
+    case-insensitively, for macOS and Windows disks), the first keeps it and the others get
+    a short hash of their full path appended.
     """
+    if keys is not None and len(keys) != len(paths):
+        raise ValueError(f"{len(keys)} keys for {len(paths)} paths")
     names: list[str] = []
     seen: set[str] = set()
-    for path in paths:
-        stem = safe_stem(path)
+    for index, path in enumerate(paths):
+        stem = safe_stem(path) if keys is None else key_stem(keys[index])
         name = stem
         if name.casefold() in seen:
             digest = hashlib.sha256(str(Path(path).resolve()).encode("utf-8", "surrogatepass"))

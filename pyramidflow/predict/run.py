@@ -4,7 +4,8 @@
 folder:
 
 * ``NAME_map.tiff``: the anomaly map, float32, at the image's own resolution;
-* ``NAME_overlay.png``: the image blended with the map as a heatmap;
+* ``NAME_overlay.png``: the image, tinted with the map's heat colours where the map is
+  high (from half the threshold on) and left as it is elsewhere;
 * ``NAME_mask.png``: 0/255 uint8, the map at or above the model's threshold (only when
   the model has a threshold);
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,8 @@ from .. import preprocess
 from ..errors import PyramidFlowError
 from ..io.atomic import atomic_write, remove_stale_temporaries
 from ..io.images import read_array
-from ..viz import colorize, heat_range, mask_image, overlay, to_display
+from ..progress import counter_bar, write_line
+from ..viz import heat_overlay, heat_range, mask_image, to_display
 from .journal import JOURNAL_VERSION, Journal, model_key, read_journal, write_tables
 from .naming import JOURNAL, REPORT, check_outputs, output_names
 
@@ -144,7 +145,7 @@ def _write_outputs(
     rows = max(1, 2**20 // max(1, amap.shape[1]))
     for start in range(0, amap.shape[0], rows):
         part = slice(start, start + rows)
-        picture[part] = overlay(picture[part], colorize(amap[part], low, high))
+        picture[part] = heat_overlay(picture[part], amap[part], low, high)
         if mask is not None:
             mask[part] = mask_image(amap[part] >= threshold)
     _write_png(out / files["overlay"], picture)
@@ -167,10 +168,6 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -186,12 +183,14 @@ def run_predict(
     labels: Callable[[Path], str | None] | Mapping[str, str] | None = None,
     report: bool = True,
     title: str | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = write_line,
     overlay_size: int | None = OVERLAY_SIZE,
+    keys: Sequence[str] | None = None,
 ) -> PredictSummary:
     """Score ``paths`` with ``detector`` into the folder ``out`` (see the module doc).
 
-    Unreadable or unusable images are logged (``log``) and listed in the summary's
+    Unreadable or unusable images are logged (``log``; the default prints each message on
+    a line of its own, also while the progress bar is shown) and listed in the summary's
     ``failed``; the others go on. ``resume`` skips images whose row is in the journal and
     whose output files exist; without ``resume`` or ``overwrite`` earlier results in
     ``out`` raise :class:`OutputExistsError` before any work. ``labels`` (a function of the
@@ -199,6 +198,9 @@ def run_predict(
     e.g. :func:`mvtec_label`. ``overlay_size``: the longest side of overlay and mask PNGs
     (``None``: the image's own size; the map TIFF is always at the image's own size).
     Image files above ``detector.config.max_pixels`` pixels are refused on their header.
+    ``keys``: each input's path inside the folder it was found in (``crack/000.png``, from
+    :func:`~pyramidflow.io.images.expand_named_inputs`), which output names and the
+    report's captions are made of (default: the file names).
     """
     if batch_size < 1:
         raise PyramidFlowError(f"batch size must be >= 1, got {batch_size}")
@@ -206,7 +208,8 @@ def run_predict(
         raise PyramidFlowError(f"overlay size must be >= 1 pixel, got {overlay_size}")
     out = Path(out)
     paths = [Path(p) for p in paths]
-    names = output_names(paths)
+    names = output_names(paths, keys)
+    captions = [p.name for p in paths] if keys is None else list(keys)
     check_outputs(out, names, overwrite=overwrite, resume=resume, paths=paths)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -245,8 +248,6 @@ def run_predict(
 
     header = {"pyramidflow_predict": JOURNAL_VERSION, "model": key, "threshold": threshold}
     journal = Journal(journal_path, header if write_header else None)
-    from ..progress import counter_bar
-
     bar = counter_bar(len(todo), "predicting", enabled=progress)
     try:
         for batch in _batches(todo, batch_size):
@@ -269,7 +270,8 @@ def run_predict(
     summary.rows = len(rows)
     write_tables(out, rows)
     if report:
-        summary.report = _write_report(out, rows, paths, names, threshold, label_of, title)
+        sources = dict(zip(names, zip(paths, captions, strict=True), strict=True))
+        summary.report = _write_report(out, rows, sources, detector, label_of, title)
     return summary
 
 
@@ -336,18 +338,18 @@ def _label_function(
 def _write_report(
     out: Path,
     rows: Sequence[Mapping[str, Any]],
-    paths: Sequence[Path],
-    names: Sequence[str],
-    threshold: float | None,
+    sources: Mapping[str, tuple[Path, str]],
+    detector: Detector,
     label_of: Callable[[Path], str | None],
     title: str | None,
 ) -> Path:
     from ..report import ReportItem, label_metrics, write_report
 
-    path_of = dict(zip(names, paths, strict=True))
+    threshold = detector.threshold
+    warning = detector.threshold_warning()
     items = []
     for row in rows:
-        source = path_of[row["name"]]
+        source, caption = sources[row["name"]]
         decision = row.get("decision") or ""
         items.append(
             ReportItem(
@@ -357,6 +359,7 @@ def _write_report(
                 is_anomalous=None if not decision else decision == "anomalous",
                 label=label_of(source),
                 links={k: row[k] for k in ("map", "mask") if row.get(k)},
+                caption=caption,
             )
         )
     return write_report(
@@ -365,4 +368,6 @@ def _write_report(
         title=title or "pyramidflow predictions",
         threshold=threshold,
         metrics=label_metrics(items, threshold),
+        threshold_origin=detector.threshold_origin(),
+        warnings=[warning] if warning else [],
     )
