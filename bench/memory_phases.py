@@ -139,6 +139,52 @@ def _mark_before_flow_backward(loss, callback):
     raise RuntimeError("the flow's latents node is not in the loss's graph")
 
 
+def run_worker(size: int, args: argparse.Namespace, budget: int | None) -> dict[str, Any]:
+    """One profile in a fresh subprocess (large freed buffers leave the process)."""
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--worker", "--sizes", str(size),
+        "--batch", str(args.batch), "--stacks", str(args.stacks), "--device", args.device,
+    ]  # fmt: skip
+    if budget is not None:
+        command += ["--memory-budget", str(budget)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"worker at {size} px failed:\n{done.stderr[-3000:]}")
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{size} px, B={args.batch}, S={args.stacks}: tiling {run['tiling']}")
+    for row in run["phases"]:
+        print(f"  {row['phase']:28s} peak {row['peak_mb']:8.1f} MB  live {row['live_mb']:8.1f}")
+    print(f"  step peak {run['step_peak_mb']:.0f} MB in '{run['peak_phase']}'", flush=True)
+    return run
+
+
+def markdown_table(runs: list[dict[str, Any]]) -> str:
+    """Per size: the step peak tiled (and untiled where measured), where the peak is."""
+    lines = [
+        "| size | B | S | latent pyramid MB | tiled blocks (bands) | step peak MB, tiled | "
+        "peak phase, tiled | step peak MB, untiled | peak phase, untiled |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size in sorted({run["size"] for run in runs}):
+        tiled = [r for r in runs if r["size"] == size and r["memory_budget"] != 0]
+        untiled = [r for r in runs if r["size"] == size and r["memory_budget"] == 0]
+        first = (tiled or untiled)[0]
+        cells = [str(size), str(first["batch"]), str(first["stacks"]), f"{first['pyramid_mb']:.0f}"]
+        if tiled:
+            plan = tiled[0]["tiling"]["tiled_blocks"]
+            bands = ", ".join(sorted({f"{k.split(' ', 1)[1]}: {v}" for k, v in plan.items()}))
+            cells += [bands or "none", f"{tiled[0]['step_peak_mb']:.0f}", tiled[0]["peak_phase"]]
+        else:
+            cells += ["-", "-", "-"]
+        if untiled:
+            cells += [f"{untiled[0]['step_peak_mb']:.0f}", untiled[0]["peak_phase"]]
+        else:
+            cells += ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
@@ -148,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--memory-budget", type=int, default=None,
         help="Config.memory_budget in MiB (default: automatic; 0 turns tiling off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--untiled-up-to", type=int, default=0, metavar="PX",
+        help="also profile untiled (memory_budget 0) at the sizes up to PX (default: none)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -159,25 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     tag = "cuda" if args.device.startswith("cuda") else "cpu"
     runs = []
     for size in args.sizes:
-        command = [
-            sys.executable, str(Path(__file__).resolve()), "--worker", "--sizes", str(size),
-            "--batch", str(args.batch), "--stacks", str(args.stacks), "--device", args.device,
-        ]  # fmt: skip
-        if args.memory_budget is not None:
-            command += ["--memory-budget", str(args.memory_budget)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"worker at {size} px failed:\n{done.stderr[-3000:]}")
-        run = json.loads(done.stdout.strip().splitlines()[-1])
-        runs.append(run)
-        print(f"{size} px, B={args.batch}, S={args.stacks}: tiling {run['tiling']}")
-        for row in run["phases"]:
-            print(f"  {row['phase']:28s} peak {row['peak_mb']:8.1f} MB  live {row['live_mb']:8.1f}")
-        print(f"  step peak {run['step_peak_mb']:.0f} MB in '{run['peak_phase']}'", flush=True)
+        runs.append(run_worker(size, args, args.memory_budget))
+        if size <= args.untiled_up_to and args.memory_budget != 0:
+            runs.append(run_worker(size, args, 0))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"memory_phases_{tag}.json"
-    (args.out / name).write_text(json.dumps({**run_metadata(args.device), "runs": runs}, indent=1))
+    name = f"memory_phases_{tag}"
+    (args.out / f"{name}.json").write_text(
+        json.dumps({**run_metadata(args.device), "runs": runs}, indent=1)
+    )
+    table = markdown_table(runs)
+    (args.out / f"{name}.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

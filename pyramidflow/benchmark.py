@@ -28,7 +28,9 @@ from .metrics import REPORTED_METRICS, json_safe, mean_metrics
 
 #: Config fields that fitting fills in from the data, or that do not change the results:
 #: a reused model may differ from the requested config in these.
-_RESOLVED_FIELDS = frozenset({"mean", "std", "in_channels", "normalization", "memory", "backend"})
+_RESOLVED_FIELDS = frozenset(
+    {"mean", "std", "in_channels", "normalization", "memory", "memory_budget", "backend"}
+)
 
 
 @dataclass

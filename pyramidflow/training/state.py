@@ -23,8 +23,10 @@ from ..model.flow import PyramidFlow
 
 TRAINING_STATE = "training_state"
 # Config fields a resume may change: they do not change what is computed (epochs only
-# says where to stop; memory/backend change rounding, not the result).
-_RESUMABLE_CHANGES = frozenset({"epochs", "memory", "backend", "category", "extra"})
+# says where to stop; memory/memory_budget/backend change rounding, not the result).
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "memory", "memory_budget", "backend", "category", "extra"}
+)
 _OPTIMIZER_PREFIX = "optimizer."
 
 
