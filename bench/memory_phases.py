@@ -8,7 +8,8 @@ phase it reports the peak memory during the phase and the memory live at its end
 above the memory before the step.
 
 CPU: a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=131072`` (every large buffer goes
-back to the system when freed, so RSS follows what is live); the kernel's peak-RSS
+back to the system when freed, so RSS follows what is live; ``--malloc default`` keeps
+glibc's own allocator, the metric of ``bench/memory_depth.py``'s ``peak_mb``); the kernel's peak-RSS
 counter VmHWM is reset through /proc/self/clear_refs at the start of every phase. CUDA:
 ``torch.cuda.reset_peak_memory_stats`` and ``max_memory_allocated`` per phase. The
 step's overall peak is the largest phase peak; the phase holding it is named.
@@ -147,7 +148,9 @@ def run_worker(size: int, args: argparse.Namespace, budget: int | None) -> dict[
     ]  # fmt: skip
     if budget is not None:
         command += ["--memory-budget", str(budget)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    env = dict(os.environ)
+    if args.malloc == "mmap":
+        env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"worker at {size} px failed:\n{done.stderr[-3000:]}")
@@ -199,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         "--untiled-up-to", type=int, default=0, metavar="PX",
         help="also profile untiled (memory_budget 0) at the sizes up to PX (default: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--malloc", choices=("mmap", "default"), default="mmap",
+        help="mmap: MALLOC_MMAP_THRESHOLD_=131072, RSS follows what is live (default); "
+        "default: glibc's own allocator, as bench/memory_depth.py's peak_mb",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -214,9 +222,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run_worker(size, args, 0))
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"memory_phases_{tag}"
-    (args.out / f"{name}.json").write_text(
-        json.dumps({**run_metadata(args.device), "runs": runs}, indent=1)
-    )
+    meta = {**run_metadata(args.device), "malloc": args.malloc}
+    (args.out / f"{name}.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
     table = markdown_table(runs)
     (args.out / f"{name}.md").write_text(table)
     print(table)

@@ -1,6 +1,6 @@
 """Training step time with row-band tiling (automatic budget) against untiled, side by side.
 
-One process per size builds one model (B = 2, L = 4, S = 4, C = 16, k = 7, recompute) and
+One process per size builds one model (B = 2, L = 4, S stacks, C = 16, k = 7, recompute) and
 alternates steps with ``memory_budget = 0`` (never tile) and the automatic budget (order
 ABBA, after one warm-up step of each), so both see the same machine load. Reports the
 median step time of each and the median of the per-pair ratios tiled / untiled.
@@ -29,9 +29,9 @@ from memory_depth import build, synchronize, train_step  # noqa: E402
 BUDGETS = {"untiled": 0, "tiled": None}
 
 
-def time_size(size: int, steps: int, device: str) -> dict[str, Any]:
+def time_size(size: int, stacks: int, steps: int, device: str) -> dict[str, Any]:
     """Median step times of both settings and the median of the side-by-side ratios."""
-    model, images, optimizer = build(size, 4, device)
+    model, images, optimizer = build(size, stacks, device)
     times: dict[str, list[float]] = {name: [] for name in BUDGETS}
     plan = {}
     for index in range(steps + 1):
@@ -48,6 +48,7 @@ def time_size(size: int, steps: int, device: str) -> dict[str, Any]:
     ratios = [t / u for t, u in zip(times["tiled"], times["untiled"], strict=True)]
     return {
         "size": size,
+        "stacks": stacks,
         "step_s": {name: statistics.median(values) for name, values in times.items()},
         "step_s_all": times,
         "ratio_tiled_over_untiled": statistics.median(ratios),
@@ -58,13 +59,14 @@ def time_size(size: int, steps: int, device: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--stacks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting (>= 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     rows = []
     for size in args.sizes:
-        row = time_size(size, args.steps, args.device)
+        row = time_size(size, args.stacks, args.steps, args.device)
         rows.append(row)
         print(
             f"{size:5d} px  untiled {row['step_s']['untiled']:8.2f} s  tiled "
