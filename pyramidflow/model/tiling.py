@@ -13,8 +13,9 @@ The forward and the recompute backward cut a block into the same bands (they are
 function of the shapes and the budget), so the ``h`` used to invert a block in the
 backward is computed exactly as the ``h`` that produced its output in the forward.
 
-Not tiled: SVN in training (its batch mean runs over whole images) and a synchronized
-VN (distributed training); those blocks run whole, as before.
+Not tiled: SVN in training (its batch mean runs over whole images), a synchronized VN
+(distributed training) and programs traced with symbolic sizes (``torch.export`` with a
+dynamic batch); those blocks run whole, as before.
 
 Budget: ``Config.memory_budget`` MiB per band (0: never tile; None: automatic,
 :func:`automatic_budget_mb`). A block is tiled only when its estimated whole-image
@@ -37,16 +38,26 @@ MIN_BAND_ROWS = 16
 Bands = list[tuple[int, int]]
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 8 GiB
+        return 8 << 30
+
+
+# Read once, outside any trace (torch.compile cannot trace os.sysconf).
+_MEMORY_BYTES: dict[tuple[str, int | None], int] = {("cpu", None): _physical_memory()}
+
+
 def automatic_budget_mb(device: torch.device) -> int:
     """Band budget when none is configured: 1/32 of the device's memory (the GPU's, or
     the machine's RAM for the CPU), at most 256 MiB."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # not POSIX: assume 8 GiB
-            total = 8 << 30
+    key = (device.type, device.index if device.type == "cuda" else None)
+    total = _MEMORY_BYTES.get(key)
+    if total is None:
+        if device.type != "cuda" or torch.compiler.is_compiling():
+            return MAX_AUTOMATIC_BUDGET_MB
+        total = _MEMORY_BYTES[key] = torch.cuda.get_device_properties(device).total_memory
     return max(1, min(MAX_AUTOMATIC_BUDGET_MB, int(total / 32 / 2**20)))
 
 
@@ -78,6 +89,8 @@ def row_bands(block: CouplingBlock, levels: Sequence[torch.Tensor], budget_mb: i
     (no budget, a block that cannot be tiled, or one whose transient fits the budget)."""
     if budget_mb <= 0 or not block.tileable():
         return None
+    if any(isinstance(t.shape[i], torch.SymInt) for t in levels for i in range(t.dim())):
+        return None  # traced with symbolic sizes (export): a plan would guard on them
     height = levels[block.target].shape[-2]
     rows = max(MIN_BAND_ROWS, (budget_mb << 20) // bytes_per_target_row(block, levels))
     if rows >= height:
