@@ -65,6 +65,11 @@ Levels = list[torch.Tensor]
 RowFetch = Callable[[int, int, int], torch.Tensor]
 
 
+def _pad_rows(x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    """x with zero rows above and below (x itself, not a copy, when there are none)."""
+    return F.pad(x, (0, 0, top, bottom)) if top or bottom else x
+
+
 def _nearest_rows(
     fetch: RowFetch, index: int, sizes: Sequence[tuple[int, int]], size: tuple[int, int],
     r0: int, r1: int,
@@ -268,9 +273,9 @@ class CouplingBlock(nn.Module):
         condition = self.conditioning_rows(fetch, sizes, max(c0, 0), min(c1, height))
         if condition.device.type == "cpu":
             condition = condition.contiguous(memory_format=torch.channels_last)
-        condition = F.pad(condition, (0, 0, max(c0, 0) - c0, c1 - min(c1, height)))
+        condition = _pad_rows(condition, max(c0, 0) - c0, c1 - min(c1, height))
         hidden = activation(F.conv2d(condition, conv_in.weight, padding=(0, pad)))
-        hidden = F.pad(hidden, (0, 0, v0 - m0, m1 - v1))
+        hidden = _pad_rows(hidden, v0 - m0, m1 - v1)
         return F.conv2d(hidden, conv_out.weight, stride=stride, padding=(0, pad))
 
     def forward(self, levels: Levels, update_stats: bool = True) -> Levels:
