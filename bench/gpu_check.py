@@ -15,7 +15,12 @@ whole check must fit in 8 minutes on one H200) is spent:
    backward, step, B = 2) at 256, 1024 and 2048 px, backend torch vs Triton, memory
    ``recompute`` vs ``store``: median step time and ``torch.cuda.max_memory_allocated``;
    an out-of-memory is caught and recorded (``status: "oom"``);
-5. the op tests on the device: the test suite's ``tests/test_triton_*.py`` (every Triton
+5. peak memory against resolution: one training step (B = 2, S = 4, backend auto,
+   recompute) at 1024, 2048 and 4096 px with the row-band tiling on (automatic budget,
+   ``pyramidflow.model.tiling``) and, at 1024 and 2048 px, off (``memory_budget = 0``):
+   ``torch.cuda.max_memory_allocated`` above the memory before the step, the budget and
+   the tiled blocks (an out-of-memory is recorded as ``status: "oom"``);
+6. the op tests on the device: the test suite's ``tests/test_triton_*.py`` (every Triton
    op forward and backward against the float64 torch reference, a whole training step)
    run by pytest with ``--device cuda`` (compiled kernels); one row per test case. The
    CPU dry run runs the pyramid tests only, in the interpreter.
@@ -85,6 +90,8 @@ class Settings:
             self.train_sizes = [16]
             self.train_stacks = 1
             self.train_steps = 1
+            # (size, memory budget MiB): tiny tiled and untiled runs, torch backend
+            self.resolution_runs = [(64, 1), (64, 0)]
         else:
             self.copy_bytes = 2**30
             self.op_shape = Shape()  # 1024 x 1024, C = 16, B = 2, L = 4
@@ -92,6 +99,8 @@ class Settings:
             self.train_sizes = [256, 1024, 2048]
             self.train_stacks = 4
             self.train_steps = 3
+            self.resolution_runs = [(1024, None), (1024, 0), (2048, None), (2048, 0),
+                                    (4096, None)]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- helpers
@@ -345,6 +354,22 @@ def _time_op(key: str, shape: Shape, device: str, backend: str, direction: str, 
     return times, list(result)
 
 
+def _measured_row(row: dict[str, Any], measure: Callable[..., dict[str, Any]], *args) -> None:
+    """Fill ``row`` from ``measure(*args)`` with status ok, or record an out-of-memory or
+    another error."""
+    import torch
+
+    try:
+        row.update(measure(*args))
+        row["status"] = "ok"
+    except torch.cuda.OutOfMemoryError as error:
+        row["status"] = "oom"
+        row["error"] = str(error).splitlines()[0][:300]
+    except Exception as error:  # noqa: BLE001
+        row["status"] = "error"
+        row["error"] = f"{type(error).__name__}: {error}"
+
+
 def training_steps(settings: Settings, report: dict[str, Any], budget: Budget) -> None:
     """Median step time and peak memory per (size, backend, memory mode)."""
     import torch
@@ -360,15 +385,7 @@ def training_steps(settings: Settings, report: dict[str, Any], budget: Budget) -
                     report["training"].append(row)
                     report["skipped"].append(f"training {size} {backend} {memory}")
                     continue
-                try:
-                    row.update(_train(size, backend, memory, settings))
-                    row["status"] = "ok"
-                except torch.cuda.OutOfMemoryError as error:
-                    row["status"] = "oom"
-                    row["error"] = str(error).splitlines()[0][:300]
-                except Exception as error:  # noqa: BLE001
-                    row["status"] = "error"
-                    row["error"] = f"{type(error).__name__}: {error}"
+                _measured_row(row, _train, size, backend, memory, settings)
                 report["training"].append(row)
                 print(f"[train] {size} px {backend:6s} {memory:9s} {row['status']} "
                       f"{row.get('median_step_s', float('nan')):.4f} s "
@@ -422,6 +439,65 @@ def _train(size: int, backend: str, memory: str, settings: Settings) -> dict[str
         peak = torch.cuda.max_memory_allocated()
         result["max_memory_mb"] = peak / 2**20
         result["max_memory_above_baseline_mb"] = (peak - baseline) / 2**20
+    return result
+
+
+def resolution_memory(settings: Settings, report: dict[str, Any], budget: Budget) -> None:
+    """Peak memory of one training step per (size, band budget): tiled against untiled."""
+    import torch
+
+    for size, memory_budget in settings.resolution_runs:
+        row: dict[str, Any] = {"size": size, "memory_budget": memory_budget, "batch": 2,
+                               "stacks": settings.train_stacks}  # fmt: skip
+        if budget.left() <= 0:
+            row["status"] = "skipped: time budget spent"
+            report["skipped"].append(f"resolution {size} budget {memory_budget}")
+        else:
+            _measured_row(row, _resolution_step, size, memory_budget, settings)
+        report["resolution"].append(row)
+        print(f"[memory] {size} px budget {row.get('budget_mb', memory_budget)} MiB "
+              f"{row['status']} {row.get('max_memory_above_baseline_mb', float('nan')):.0f} MB",
+              flush=True)  # fmt: skip
+        if settings.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _resolution_step(size: int, memory_budget: int | None, settings: Settings) -> dict[str, Any]:
+    import torch
+
+    from pyramidflow import Config, PyramidFlow
+
+    device = settings.device
+    torch.manual_seed(0)
+    backend = "torch" if settings.tiny else "auto"  # tiny: the band code path, quickly
+    config = Config(image_size=(size, size), stacks=settings.train_stacks, batch_size=2,
+                    backend=backend, memory_budget=memory_budget)  # fmt: skip
+    model = PyramidFlow(config)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.param_net[2].weight, std=1e-3)
+    model = model.to(device).train()
+    images = torch.randn(2, config.in_channels, size, size, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    plan = model.tiling_summary()
+    baseline = 0
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    begin = time.perf_counter()
+    loss = model.loss(model(images))
+    loss.backward()
+    optimizer.step()
+    synchronize(device)
+    result: dict[str, Any] = {
+        "budget_mb": plan["budget_mb"], "tiled_blocks": plan["tiled_blocks"],
+        "step_s": time.perf_counter() - begin, "loss": float(loss.detach()),
+    }  # fmt: skip
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+        result["max_memory_above_baseline_mb"] = (peak - baseline) / 2**20
+        result["max_memory_mb"] = peak / 2**20
     return result
 
 
@@ -522,6 +598,13 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{row.get('median_step_s', float('nan')):8.4f} "
             f"{row.get('max_memory_mb', float('nan')):9.0f}  {row['status']}"
         )
+    lines.append(f"{'mem px':>8s} {'budget MiB':>10s} {'tiled':>5s} {'peak MB':>9s}")
+    for row in report.get("resolution", []):
+        lines.append(
+            f"{row['size']:8d} {row.get('budget_mb', row['memory_budget'])!s:>10s} "
+            f"{len(row.get('tiled_blocks', {})):5d} "
+            f"{row.get('max_memory_above_baseline_mb', float('nan')):9.0f}  {row['status']}"
+        )
     checks = report["correctness"]
     passed = sum(bool(c.get("ok")) for c in checks)
     lines.append(f"op checks on the device: {passed}/{len(checks)} passed; "
@@ -544,8 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget")
     parser.add_argument("--out", type=Path, help="JSON path (default: $OUT or bench/results)")
     parser.add_argument(
-        "--sections", default="copy,ops,training,correctness",
-        help="comma-separated subset of copy,ops,training,correctness",
+        "--sections", default="copy,ops,training,resolution,correctness",
+        help="comma-separated subset of copy,ops,training,resolution,correctness",
     )  # fmt: skip
     args = parser.parse_args(argv)
     device = args.device
@@ -568,7 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     sections = set(args.sections.split(","))
     report: dict[str, Any] = {"device": {}, "copy": {}, "ops": [], "training": [],
-                              "correctness": [], "errors": [], "skipped": []}  # fmt: skip
+                              "resolution": [], "correctness": [], "errors": [],
+                              "skipped": []}  # fmt: skip
     report["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
     report["command"] = " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     report["budget_s"] = args.budget_s
@@ -590,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         save()
     if "training" in sections:
         guarded(report, "training", lambda: training_steps(settings, report, budget))
+        save()
+    if "resolution" in sections:
+        guarded(report, "resolution", lambda: resolution_memory(settings, report, budget))
         save()
     if "correctness" in sections:
         guarded(report, "correctness", lambda: op_tests(settings, report, budget))

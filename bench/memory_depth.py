@@ -59,8 +59,8 @@ FIELDS = (
 )  # fmt: skip
 
 
-def build(size: int, stacks: int, device: str, seed: int = 0):
-    """Model (training mode), normalized images (B = 2) and an Adam optimizer."""
+def build(size: int, stacks: int, device: str, seed: int = 0, batch: int = 2):
+    """Model (training mode), normalized images (B images) and an Adam optimizer."""
     import torch
 
     from pyramidflow import Config, PyramidFlow
@@ -68,7 +68,7 @@ def build(size: int, stacks: int, device: str, seed: int = 0):
     torch.manual_seed(seed)
     config = Config(
         image_size=(size, size), stacks=stacks, levels=4, channels=16, kernel_size=7,
-        batch_size=2,
+        batch_size=batch,
     )  # fmt: skip
     model = PyramidFlow(config)
     # non-zero last convolutions, as after some training: the step does real work

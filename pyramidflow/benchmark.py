@@ -29,7 +29,16 @@ from .metrics import REPORTED_METRICS, json_safe, mean_metrics
 #: Config fields that fitting fills in from the data, or that do not change the results:
 #: a reused model may differ from the requested config in these.
 _RESOLVED_FIELDS = frozenset(
-    {"mean", "std", "in_channels", "normalization", "memory", "backend", "max_pixels"}
+    {
+        "mean",
+        "std",
+        "in_channels",
+        "normalization",
+        "memory",
+        "memory_budget",
+        "backend",
+        "max_pixels",
+    }  # fmt: skip
 )
 
 

@@ -86,6 +86,10 @@ class Config:
     in_channels: int = 3
     clamp: float = 2.0
     memory: str = "recompute"
+    # MiB of transients per row band of a coupling block at high resolution (training and
+    # inference; pyramidflow.model.tiling): None picks it from the device, 0 never tiles.
+    # Same results either way (the bands compute the whole-image sums).
+    memory_budget: int | None = None
     backend: str = "auto"
     # preprocessing: x = (pixel / max_value - mean) / std, per channel
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -126,6 +130,8 @@ class Config:
             self.image_size = (self.image_size, self.image_size)
         for name in _INTEGER_FIELDS:  # numpy integers and the like become plain ints
             setattr(self, name, _integer(name, getattr(self, name), -(2**63)))
+        if self.memory_budget is not None:
+            self.memory_budget = _integer("memory_budget", self.memory_budget, -(2**63))
         for name in _REAL_FIELDS:
             setattr(self, name, _real(name, getattr(self, name)))
         self.image_size = _numbers("image_size", self.image_size, _integer)  # type: ignore[assignment]
@@ -141,6 +147,8 @@ class Config:
             _integer(name, getattr(self, name), 1)
         _integer("seed", self.seed, 0)
         _integer("max_pixels", self.max_pixels, 1)
+        if self.memory_budget is not None:
+            _integer("memory_budget", self.memory_budget, 0)
         if _integer("kernel_size", self.kernel_size, 1) % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive, got {self.kernel_size}")
         for name in ("clamp", "lr", "eps", "grad_clip"):

@@ -36,8 +36,8 @@ def test_tiny_cpu_run_writes_every_section(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     report = json.loads(out.read_text())
-    for key in ("device", "copy", "ops", "training", "correctness", "errors", "skipped",
-                "elapsed_s", "budget_s"):  # fmt: skip
+    for key in ("device", "copy", "ops", "training", "resolution", "correctness", "errors",
+                "skipped", "elapsed_s", "budget_s"):  # fmt: skip
         assert key in report, key
     assert report["errors"] == [] and report["skipped"] == []
     assert report["device"]["device"] == "cpu" and report["device"]["name"]
@@ -58,6 +58,12 @@ def test_tiny_cpu_run_writes_every_section(tmp_path):
     for row in report["training"]:
         assert row["status"] == "ok", row
         assert row["median_step_s"] > 0 and row["finite"]
+
+    # peak memory against resolution: the tiled and the untiled step both ran
+    tiled, untiled = report["resolution"]
+    assert tiled["status"] == untiled["status"] == "ok", report["resolution"]
+    assert tiled["tiled_blocks"] and not untiled["tiled_blocks"]
+    assert tiled["loss"] == pytest.approx(untiled["loss"], rel=1e-5)
 
     # the suite's pyramid op tests, run by the script (on a GPU: every Triton op test)
     assert len(report["correctness"]) >= 10

@@ -91,6 +91,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="recompute: activation memory constant in depth (default); store: plain autograd",
     )
     g.add_argument(
+        "--memory-budget",
+        type=int,
+        metavar="MIB",
+        help="MiB per row band of the coupling blocks at high resolution (default: from the "
+        "device; 0: never tile); the results are the same, the peak memory is not",
+    )
+    g.add_argument(
         "--scoring",
         choices=SCORINGS,
         help="anomaly map recipe: paper (|z - T|, the paper's), znorm (residuals over the "
@@ -107,7 +114,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 FIELD_FLAGS = (
     "levels", "stacks", "channels", "kernel_size", "volume_norm", "epochs", "batch_size", "lr",
-    "augment", "seed", "memory", "backend", "scoring", "max_pixels",
+    "augment", "seed", "memory", "memory_budget", "backend", "scoring", "max_pixels",
 )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from ..config import Config
 from .invertible import InvertibleSequence
 from .layers import CouplingBlock, InputProjection, block_plan
+from .tiling import row_bands
 
 
 def level_sizes(image_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
@@ -40,6 +41,7 @@ class PyramidFlow(nn.Module):
                     )
                 )  # fmt: skip
         self.flow = InvertibleSequence(blocks)
+        self.flow.memory_budget = config.memory_budget
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -52,6 +54,31 @@ class PyramidFlow(nn.Module):
         self.config.validate()
         for block in self.blocks:
             block.backend = backend
+
+    def set_memory_budget(self, budget_mb: int | None) -> None:
+        """MiB per row band of the flow's blocks (None: automatic, 0: never tile)."""
+        self.config.memory_budget = budget_mb
+        self.config.validate()
+        self.flow.memory_budget = budget_mb
+
+    def tiling_summary(self, batch: int | None = None) -> dict[str, object]:
+        """The band budget in effect and, per block that is tiled at the configured image
+        size, its number of row bands (a plan, computed from shapes only)."""
+        cfg = self.config
+        param = next(p for p in self.parameters())
+        budget = self.flow.budget_mb(param.device)
+        levels = [
+            torch.empty((), dtype=param.dtype, device=param.device).expand(
+                batch or cfg.batch_size, cfg.channels, h, w
+            )
+            for h, w in level_sizes(cfg.image_size, cfg.levels)
+        ]  # fmt: skip
+        plan = {}
+        for index, block in enumerate(self.blocks):
+            bands = row_bands(block, levels, budget)
+            if bands is not None:
+                plan[f"{index} {block.kind}({block.start})"] = len(bands)
+        return {"budget_mb": budget, "tiled_blocks": plan}
 
     def check_input(self, images: torch.Tensor) -> None:
         """Raise ValueError for a batch this model cannot take."""

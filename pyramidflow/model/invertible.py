@@ -17,12 +17,13 @@ pinned beside their replacements from the second stack on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .layers import CouplingBlock
+from .tiling import automatic_budget_mb, backward_block, forward_block, row_bands
 
 
 def _trainable(block: nn.Module) -> list[nn.Parameter]:
@@ -73,12 +74,12 @@ class _KeepLatents(torch.autograd.Function):
 
 class _InvertibleSequenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, blocks, handover, n_levels, *levels_and_params):  # type: ignore[override]
+    def forward(ctx, blocks, handover, observer, budget_mb, n_levels, *levels_and_params):  # type: ignore[override]
         levels = [t.detach() for t in levels_and_params[:n_levels]]
         with torch.no_grad():
-            for block in blocks:
-                levels = block(levels, update_stats=True)
+            levels = _run_blocks(blocks, levels, budget_mb)
         ctx.blocks, ctx.handover, ctx.n_levels = blocks, handover, n_levels
+        ctx.observer, ctx.budget_mb = observer, budget_mb
         ctx.save_for_backward(*levels_and_params[n_levels:])
         ctx.set_materialize_grads(False)
         return tuple(levels)
@@ -91,16 +92,28 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                 "double backward); use memory='store' for higher-order gradients"
             )
         n_levels, blocks = ctx.n_levels, ctx.blocks
-        needs_input_grad = ctx.needs_input_grad[3 : 3 + n_levels]
+        needs_input_grad = ctx.needs_input_grad[5 : 5 + n_levels]
         levels, grad_latents = ctx.handover.take()
         live_at_input = _live_levels(blocks, needs_input_grad)
         grads: list[torch.Tensor | None] = [
             torch.zeros_like(level) if g is None else g
             for level, g in zip(levels, grad_latents, strict=True)
         ]
+        # Tensors this walk allocated (safe to update in place), as opposed to the latents
+        # and gradients it was handed, which the caller may still hold.
+        owned_levels: set[int] = set()
+        owned_grads = {i for i, g in enumerate(grad_latents) if g is None}
         del grad_latents
         param_grads: list[torch.Tensor | None] = []
         for block, live in zip(reversed(blocks), reversed(live_at_input), strict=True):
+            bands = row_bands(block, levels, ctx.budget_mb)
+            if bands is not None:
+                param_grads[:0] = backward_block(
+                    block, levels, grads, live, bands, owned_levels, owned_grads
+                )
+                if ctx.observer is not None:
+                    ctx.observer(block)
+                continue
             params = _trainable(block)
             with torch.enable_grad():
                 conditioned = list(levels)
@@ -124,17 +137,38 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                     list(torch.autograd.grad(projected, wrt, allow_unused=True)) if wrt else []
                 )
             levels[block.target] = x
+            owned_levels.add(block.target)
             grads[block.target] = results.pop(0) if live[block.target] else None
+            owned_grads.add(block.target)
             for index, _ in cond_inputs:
                 g = results.pop(0)
                 if g is not None:
                     grads[index] = g if grads[index] is None else grads[index] + g
+                    owned_grads.add(index)
             param_grads[:0] = results
             del projected, results, x_leaf, cond_inputs
+            if ctx.observer is not None:
+                ctx.observer(block)
         input_grads = [
             g if needed else None for g, needed in zip(grads, needs_input_grad, strict=True)
         ]
-        return (None, None, None, *input_grads, *param_grads)
+        return (None, None, None, None, None, *input_grads, *param_grads)
+
+
+def _run_blocks(
+    blocks: Sequence[CouplingBlock], levels: list[torch.Tensor], budget_mb: int
+) -> list[torch.Tensor]:
+    """Apply the blocks without autograd, in row bands where the budget asks for them."""
+    owned: set[int] = set()
+    for block in blocks:
+        bands = row_bands(block, levels, budget_mb)
+        if bands is None:
+            levels = block(levels, update_stats=True)
+            owned.add(block.target)
+        else:
+            levels = list(levels)
+            forward_block(block, levels, bands, owned, update_stats=True)
+    return levels
 
 
 def _live_levels(
@@ -158,6 +192,17 @@ class InvertibleSequence(nn.Module):
     def __init__(self, blocks: Sequence[CouplingBlock]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        # Called with each block right after its backward in recompute mode (the memory
+        # profile of bench/memory_phases.py reads the peak per block through it).
+        self.backward_observer: Callable[[CouplingBlock], None] | None = None
+        # MiB per row band (pyramidflow.model.tiling); None: automatic, 0: never tile.
+        self.memory_budget: int | None = None
+
+    def budget_mb(self, device: torch.device) -> int:
+        """The band budget in effect on ``device``."""
+        if self.memory_budget is None:
+            return automatic_budget_mb(device)
+        return self.memory_budget
 
     def forward(
         self, levels: Sequence[torch.Tensor], memory: str = "recompute"
@@ -170,11 +215,19 @@ class InvertibleSequence(nn.Module):
         if memory == "recompute" and needs_graph:
             handover = _Handover()
             out = _InvertibleSequenceFunction.apply(
-                tuple(self.blocks), handover, len(levels), *levels, *params
+                tuple(self.blocks),
+                handover,
+                self.backward_observer,
+                self.budget_mb(levels[0].device),
+                len(levels),
+                *levels,
+                *params,
             )
             return list(_KeepLatents.apply(handover, *out))
         if memory not in ("recompute", "store"):
             raise ValueError(f"memory must be 'recompute' or 'store', got {memory!r}")
+        if not needs_graph:
+            return _run_blocks(self.blocks, list(levels), self.budget_mb(levels[0].device))
         levels = list(levels)
         for block in self.blocks:
             levels = block(levels)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyramidflow_kernels as ops
 import torch
@@ -62,6 +62,28 @@ class InvertibleConv1x1(nn.Module):
 
 
 Levels = list[torch.Tensor]
+RowFetch = Callable[[int, int, int], torch.Tensor]
+
+
+def _pad_rows(x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    """x with zero rows above and below (x itself, not a copy, when there are none)."""
+    return F.pad(x, (0, 0, top, bottom)) if top or bottom else x
+
+
+def _nearest_rows(
+    fetch: RowFetch, index: int, sizes: Sequence[tuple[int, int]], size: tuple[int, int],
+    r0: int, r1: int,
+) -> torch.Tensor:  # fmt: skip
+    """Rows [r0, r1) of ``F.interpolate(level index, size)`` (nearest, factor 2^n either
+    way), from the rows of the level they copy."""
+    height = sizes[index][0]
+    if height >= size[0]:
+        step = height // size[0]
+        return F.interpolate(fetch(index, r0 * step, r1 * step), size=(r1 - r0, size[1]))
+    step = size[0] // height
+    q0, q1 = r0 // step, -(-r1 // step)
+    rows = F.interpolate(fetch(index, q0, q1), size=((q1 - q0) * step, size[1]))
+    return rows[..., r0 - q0 * step : r1 - q0 * step, :]
 
 
 class CouplingBlock(nn.Module):
@@ -141,7 +163,7 @@ class CouplingBlock(nn.Module):
             condition = condition.contiguous(memory_format=torch.channels_last)
         return self.param_net(condition)
 
-    def _running_mean_view(self) -> torch.Tensor:
+    def running_mean_view(self) -> torch.Tensor:
         if self.param_stride == 1:
             return self.running_mean
         return self.running_mean[..., :: self.param_stride, :: self.param_stride]
@@ -164,37 +186,97 @@ class CouplingBlock(nn.Module):
         step_w = correction.shape[-1] // target.shape[-1]
         return correction[..., ::step_h, ::step_w]
 
+    def couple(
+        self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, running_mean: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coupling op on (a row band of) the target level: (z, VN mean subtracted)."""
+        return ops.affine_coupling(
+            x, h, weight, running_mean, volume_norm=self.volume_norm, training=self.training,
+            clamp=self.clamp, backend=self.backend,
+        )  # fmt: skip
+
+    def uncouple(
+        self, z: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, running_mean: torch.Tensor
+    ) -> torch.Tensor:
+        """Inverse of :meth:`couple` with the same ``h``, ``weight`` and ``running_mean``."""
+        return ops.affine_coupling_inverse(
+            z, h, weight, running_mean, volume_norm=self.volume_norm, training=self.training,
+            clamp=self.clamp, backend=self.backend,
+        )  # fmt: skip
+
+    def update_running_mean(self, mean: torch.Tensor) -> None:
+        """Fold a training batch's VN mean into the running mean (momentum 0.1)."""
+        if not self.training:
+            return
+        with torch.no_grad():
+            view = self.running_mean_view()
+            view.mul_(1.0 - self.momentum).add_(mean.detach().to(view.dtype), alpha=self.momentum)
+
     def transform(self, x: torch.Tensor, h: torch.Tensor, update_stats: bool) -> torch.Tensor:
         """Coupling of the target level given the parameter output ``h``."""
         synced = self._vn_correction(h)
         if synced is not None:
             x = x * torch.exp(-self._picked(synced[0], x))
-        z, mean = ops.affine_coupling(
-            x, h, self.mixing.weight(), self._running_mean_view(),
-            volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
-            backend=self.backend,
-        )  # fmt: skip
-        if self.training and update_stats:
-            with torch.no_grad():
-                if synced is not None:
-                    mean = synced[1]
-                view = self._running_mean_view()
-                view.mul_(1.0 - self.momentum).add_(
-                    mean.detach().to(view.dtype), alpha=self.momentum
-                )
+        z, mean = self.couple(x, h, self.mixing.weight(), self.running_mean_view())
+        if update_stats:
+            self.update_running_mean(mean if synced is None else synced[1])
         return z
 
     def untransform(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`transform` (no statistics are touched)."""
-        x = ops.affine_coupling_inverse(
-            z, h, self.mixing.weight(), self._running_mean_view(),
-            volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
-            backend=self.backend,
-        )  # fmt: skip
+        x = self.uncouple(z, h, self.mixing.weight(), self.running_mean_view())
         synced = self._vn_correction(h)
         if synced is not None:
             x = x * torch.exp(self._picked(synced[0], z))
         return x
+
+    # Row bands (pyramidflow.model.tiling): the block evaluated on rows of its target level.
+
+    def tileable(self) -> bool:
+        """Whether every row band of the target depends only on nearby rows: true unless a
+        batch mean over whole images is involved (SVN in training, or a synced VN)."""
+        if self.vn_sync is not None and self.training:
+            return False
+        return self.volume_norm == "CVN" or not self.training
+
+    def param_rows_per_target_row(self, sizes: Sequence[tuple[int, int]]) -> int:
+        """Rows of ``h`` per row of the target level (2 for an unstrided Down block)."""
+        param_height = sizes[self.start + 1 if self.kind == "dual" else self.start][0]
+        return param_height // self.param_stride // sizes[self.target][0]
+
+    def conditioning_rows(self, fetch: RowFetch, sizes: Sequence[tuple[int, int]], c0: int,
+                          c1: int) -> torch.Tensor:  # fmt: skip
+        """Rows [c0, c1) of :meth:`conditioning`, read through ``fetch(index, a, b)``, which
+        returns rows [a, b) of level ``index``."""
+        size = sizes[self.start + 1 if self.kind == "dual" else self.start]
+        if self.kind == "down":
+            return fetch(self.start, c0, c1)
+        if self.kind == "up":
+            return _nearest_rows(fetch, self.start + 1, sizes, size, c0, c1)
+        return torch.cat(
+            [_nearest_rows(fetch, self.start, sizes, size, c0, c1),
+             _nearest_rows(fetch, self.start + 2, sizes, size, c0, c1)],
+            dim=1,
+        )  # fmt: skip
+
+    def parameters_for_rows(self, fetch: RowFetch, sizes: Sequence[tuple[int, int]], h0: int,
+                            h1: int) -> torch.Tensor:  # fmt: skip
+        """Rows [h0, h1) of :meth:`parameters_for`, computed from the conditioning rows they
+        depend on: (k - 1) / 2 more per convolution on each side, zeros beyond the image
+        (the convolutions' own padding), so the sums are those of the whole-image network."""
+        conv_in, activation, conv_out = self.param_net
+        pad, stride = conv_in.padding[0], self.param_stride
+        height = sizes[self.start + 1 if self.kind == "dual" else self.start][0]
+        m0, m1 = h0 * stride - pad, (h1 - 1) * stride + pad + 1  # hidden rows needed
+        v0, v1 = max(m0, 0), min(m1, height)  # of which inside the image
+        c0, c1 = v0 - pad, v1 + pad  # conditioning rows for those
+        condition = self.conditioning_rows(fetch, sizes, max(c0, 0), min(c1, height))
+        if condition.device.type == "cpu":
+            condition = condition.contiguous(memory_format=torch.channels_last)
+        condition = _pad_rows(condition, max(c0, 0) - c0, c1 - min(c1, height))
+        hidden = activation(F.conv2d(condition, conv_in.weight, padding=(0, pad)))
+        hidden = _pad_rows(hidden, v0 - m0, m1 - v1)
+        return F.conv2d(hidden, conv_out.weight, stride=stride, padding=(0, pad))
 
     def forward(self, levels: Levels, update_stats: bool = True) -> Levels:
         """Apply the block; returns a new list with the target level replaced."""

@@ -127,6 +127,10 @@ def float32_gradient_error(
     ``inputs``: an image batch (through the whole model) or pyramid levels (into
     ``model.flow``). ``model`` is not modified (its running statistics included).
     """
+    # The pattern hooks see whole-image parameter networks: run untiled (row bands give
+    # the same sums, pyramidflow.model.tiling, but call the convolutions per band).
+    model = copy.deepcopy(model)
+    model.set_memory_budget(0)
     model32 = copy.deepcopy(model).float()
     with recorded_activation_pattern(model32) as pattern:
         names, g32 = _gradients(model32, inputs, memory, objective)

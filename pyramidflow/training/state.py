@@ -23,9 +23,11 @@ from ..model.flow import PyramidFlow
 
 TRAINING_STATE = "training_state"
 # Config fields a resume may change: they do not change what is computed (epochs only
-# says where to stop; memory/backend change rounding, not the result; max_pixels is a
-# reading policy).
-_RESUMABLE_CHANGES = frozenset({"epochs", "memory", "backend", "category", "extra", "max_pixels"})
+# says where to stop; memory/memory_budget/backend change rounding, not the result;
+# max_pixels is a reading policy).
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "memory", "memory_budget", "backend", "category", "extra", "max_pixels"}
+)
 _OPTIMIZER_PREFIX = "optimizer."
 
 
