@@ -91,7 +91,6 @@ def worker(size: int, batch: int, stacks: int, device: str, budget: int | None) 
     """Profile one training step in this (fresh) process."""
     import pyramidflow_kernels as ops
     import torch
-
     from memory_depth import build
 
     model, images, optimizer = build(size, stacks, device, batch=batch)
