@@ -133,7 +133,11 @@ def test_spread_recipes_maps_are_the_normalized_composed_and_smoothed_residuals(
 
 def test_paper_scoring_is_the_plain_residual_map(tiny_model, tiny_category):
     detector = Detector.load(tiny_model)
-    assert detector.config.scoring == "paper" and detector.spread is None
+    train_images = load_stack(sorted((tiny_category / "train" / "good").glob("*.png")),
+                              detector.config)  # fmt: skip
+    detector.config = detector.config.replace(scoring="paper")
+    detector.template = compute_template(detector.model, train_images)
+    detector.spread = None
     images = load_stack(sorted((tiny_category / "test" / "good").glob("*.png")), detector.config)
     maps, scores = detector.score_batch(images)
     with torch.no_grad():
