@@ -19,8 +19,9 @@ recipe a label-free rule picks per category: synthetic defects (a noise blob, a 
 cut from elsewhere in the same image, a line) pasted into the held-out good images, the
 recipe with the best mean of pixel and image AUROC on them; the report says how often
 that pick is the recipe that is best on the real test labels. Per recipe, the threshold is
-the library's (the ``threshold_quantile`` of the held-out good images' scores); the tables
-give the share of good test images above it (false alarms) and of defective ones (detected).
+the library's (``pyramidflow.metrics.decision_threshold`` of the held-out good images'
+scores); the tables give the share of good test images above it (false alarms) and of
+defective ones (detected).
 
 Writes ``accuracy_suite.json`` and ``.md`` under ``--out``.
 
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pyramidflow import Config, Detector  # noqa: E402
 from pyramidflow.io.datasets import open_category  # noqa: E402
 from pyramidflow.io.images import read_mask  # noqa: E402
-from pyramidflow.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
+from pyramidflow.metrics import aupro, decision_threshold, image_auroc, pixel_auroc  # noqa: E402
 from pyramidflow.model.scoring import anomaly_maps, gaussian_blur, smoothing_sigma  # noqa: E402
 from pyramidflow.preprocess import load_stack, model_mask  # noqa: E402
 from pyramidflow.training.template import (  # noqa: E402
@@ -221,11 +222,11 @@ def run_category(folder: Path, category: str, seed: int, args: argparse.Namespac
     rows = {}
     for r in RECIPES:
         _, held_scores = scorer(held_images, r)
-        threshold = float(np.quantile(held_scores.numpy(), quantile))
+        threshold, _ = decision_threshold(held_scores.numpy(), quantile)
         rows[r] = metrics(*scorer(test_images, r), masks, threshold)
     sigma = smoothing_sigma(args.size)
     _, held_scores = baseline_maps(train_images, held_images, sigma)
-    threshold = float(np.quantile(held_scores.numpy(), quantile))
+    threshold, _ = decision_threshold(held_scores.numpy(), quantile)
     rows["baseline"] = metrics(*baseline_maps(train_images, test_images, sigma), masks, threshold)
     synthetic, synthetic_masks = synthetic_defects(held_images, np.random.default_rng(seed))
     picks = {}

@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from checkout import ensure_kernels_importable, run_metadata
 
 ensure_kernels_importable()
@@ -26,6 +25,7 @@ from pyramidflow import Detector  # noqa: E402
 from pyramidflow.config import SCORINGS  # noqa: E402
 from pyramidflow.demo import run_demo  # noqa: E402
 from pyramidflow.io.datasets import open_category  # noqa: E402
+from pyramidflow.metrics import decision_threshold  # noqa: E402
 from pyramidflow.preprocess import load_stack  # noqa: E402
 from pyramidflow.training.template import compute_template_and_spread  # noqa: E402
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             detector.spread = None if recipe == "paper" else spread
             _, held_scores = detector.score_batch(held)
             quantile = detector.config.threshold_quantile
-            detector.threshold = float(np.quantile(held_scores.numpy(), quantile))
+            detector.threshold, _ = decision_threshold(held_scores.numpy(), quantile)
             metrics = detector.evaluate(folder).metrics
             rows[category][recipe] = {k: metrics[k] for k in METRICS}
         print(category, json.dumps(rows[category]), flush=True)

@@ -28,7 +28,7 @@ from .io.checkpoint import (
 )
 from .io.datasets import Sample, open_category, training_images
 from .io.images import read_array, read_mask
-from .metrics import evaluate_maps, f1_max
+from .metrics import decision_threshold, evaluate_maps, f1_max
 from .model.flow import PyramidFlow
 from .model.scoring import anomaly_maps, uses_spread
 from .progress import progress_bar
@@ -153,7 +153,9 @@ class Detector:
         self._compute_template(model, train_images, progress)
         source_of_threshold = HELD_OUT if held_out else "training images"
         _, scores = self.score_batch(reference)
-        self.threshold = float(np.quantile(scores.numpy(), self.config.threshold_quantile))
+        self.threshold, threshold_rule = decision_threshold(
+            scores.numpy(), self.config.threshold_quantile
+        )
         self.info = {
             "training_images": int(len(fit_part)),
             "held_out_images": int(len(held_out)),
@@ -161,6 +163,7 @@ class Detector:
             "threshold_from": source_of_threshold,
             "threshold_images": int(len(reference)),
             "threshold_quantile": self.config.threshold_quantile,
+            "threshold_rule": threshold_rule,
             "steps": report.steps,
             "epoch_losses": report.epoch_losses,
             "train_seconds": round(report.seconds, 3),
@@ -195,6 +198,11 @@ class Detector:
             return None
         quantile = self.info.get("threshold_quantile", self.config.threshold_quantile)
         source = self.info.get("threshold_from", "images")
+        if self.info.get("threshold_rule") == "log-normal bound":
+            return (
+                f"{quantile:g} prediction bound of a log-normal fit to the scores of {count} "
+                f"{source}"
+            )
         return f"{quantile:g} quantile of the scores of {count} {source}"
 
     def threshold_warning(self) -> str | None:
@@ -206,8 +214,8 @@ class Detector:
             return None
         return (
             f"the threshold comes from only {count} image(s) (fewer than "
-            f"{MIN_THRESHOLD_IMAGES}): expect good images to be flagged; train on more good "
-            "images or hold out more of them (config holdout_fraction)"
+            f"{MIN_THRESHOLD_IMAGES}): it is uncertain, expect good images to be flagged; train "
+            "on more good images or hold out more of them (config holdout_fraction)"
         )
 
     def _compute_template(self, model: PyramidFlow, images: torch.Tensor, progress: bool) -> None:

@@ -383,3 +383,25 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def decision_threshold(scores: Any, quantile: float) -> tuple[float, str]:
+    """The image-score threshold from good images' scores, and the rule used.
+
+    Fewer than ``1 / (1 - quantile)`` positive scores (at least 3): the one-sided
+    ``quantile`` prediction bound of a log-normal fit, ``exp(m + t * s * sqrt(1 + 1/n))``
+    with ``m``, ``s`` the mean and standard deviation (n - 1) of the log scores and ``t``
+    Student's ``quantile`` point with n - 1 degrees of freedom: a new good image exceeds it
+    with probability ``1 - quantile`` when the log scores are normal. (The empirical
+    quantile of so few scores is about their maximum, which a new good image exceeds with
+    probability ~1 / (n + 1).) Otherwise the empirical ``quantile``."""
+    values = _as_scores(scores)
+    n = values.size
+    if 3 <= n < 1.0 / (1.0 - quantile) and bool((values > 0).all()):
+        from scipy import stats
+
+        logs = np.log(values.astype(np.float64))
+        spread = logs.std(ddof=1) * math.sqrt(1.0 + 1.0 / n)
+        bound = logs.mean() + float(stats.t.ppf(quantile, n - 1)) * spread
+        return float(math.exp(bound)), "log-normal bound"
+    return float(np.quantile(values, quantile)), "quantile"

@@ -364,3 +364,28 @@ def test_errors_on_bad_input() -> None:
         aupro(maps.ravel(), masks.ravel())
     with pytest.raises(ValueError, match="image_scores"):
         evaluate_maps(maps, masks, image_scores=np.zeros(5))
+
+
+def test_decision_threshold_is_a_log_normal_prediction_bound_for_small_sets():
+    """From few good images, a new good image exceeds the threshold about 1 - quantile of
+    the time (log-normal scores), where the empirical quantile (about the maximum) would be
+    exceeded about 1 / (n + 1) of the time."""
+    from pyramidflow.metrics import decision_threshold
+
+    rng = np.random.default_rng(0)
+    exceeded = {"log-normal bound": [], "quantile": []}
+    for _ in range(2000):
+        held_out = rng.lognormal(0.5, 0.3, size=6)
+        new = rng.lognormal(0.5, 0.3, size=50)
+        bound, rule = decision_threshold(held_out, 0.99)
+        assert rule == "log-normal bound"
+        exceeded[rule].append((new > bound).mean())
+        exceeded["quantile"].append((new > np.quantile(held_out, 0.99)).mean())
+    assert abs(np.mean(exceeded["log-normal bound"]) - 0.01) < 0.004
+    assert np.mean(exceeded["quantile"]) > 0.1
+    # many scores, too few, or not all positive: the empirical quantile
+    many = rng.lognormal(size=500)
+    assert decision_threshold(many, 0.99) == (float(np.quantile(many, 0.99)), "quantile")
+    assert decision_threshold([1.0, 2.0], 0.99) == (float(np.quantile([1.0, 2.0], 0.99)),
+                                                   "quantile")  # fmt: skip
+    assert decision_threshold([0.0, 1.0, 2.0], 0.99)[1] == "quantile"
