@@ -9,8 +9,10 @@ does for MVTec textures), then every scoring recipe applied to the same latents:
   that latent element, |z - T| / s, composed and smoothed (Gaussian, sigma 4 px per 256);
 - ``relative``: ``znorm`` on latents standardized per image and channel, the smoothed map
   divided by its own mean (method section 8);
-- ``relative+tta``: ``relative`` averaged over the 8 flips and quarter turns of the image
-  (the texture augmentation's group), each map turned back first.
+- ``fused``: ``relative``'s map; image score = the mean over pyramid levels of each
+  level's own relative map maximum over its mean on the good training images;
+- ``fused+tta``: ``fused`` averaged over the 8 flips and quarter turns of the image
+  (the texture augmentation's group), each map turned back first, the 8 scores averaged.
 
 T and s come from the good training images only. Also: a trivial baseline that needs no
 model (per-pixel mean and standard deviation of the raw pixels over the good training
@@ -35,6 +37,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +52,18 @@ from pyramidflow import Config, Detector  # noqa: E402
 from pyramidflow.io.datasets import open_category  # noqa: E402
 from pyramidflow.io.images import read_mask  # noqa: E402
 from pyramidflow.metrics import aupro, decision_threshold, image_auroc, pixel_auroc  # noqa: E402
-from pyramidflow.model.scoring import anomaly_maps, gaussian_blur, smoothing_sigma  # noqa: E402
-from pyramidflow.preprocess import load_stack, model_mask  # noqa: E402
-from pyramidflow.training.template import (  # noqa: E402
-    compute_template,
-    compute_template_and_spread,
+from pyramidflow.model.scoring import (  # noqa: E402
+    batch_slices,
+    gaussian_blur,
+    level_maxima,
+    recipe_latents,
+    score_latents,
+    smoothing_sigma,
 )
+from pyramidflow.preprocess import load_stack, model_mask  # noqa: E402
+from pyramidflow.training.template import LatentMoments  # noqa: E402
 
-RECIPES = ("paper", "znorm", "relative", "relative+tta")
+RECIPES = ("paper", "znorm", "relative", "fused", "fused+tta")
 TEXTURES = ("fractal", "pebbles", "fibres")
 
 
@@ -79,31 +86,52 @@ def undo_dihedral(maps: torch.Tensor, index: int) -> torch.Tensor:
 
 
 class Scorer:
-    """Every recipe's template and spread from the good training images of one model."""
+    """Every recipe's template and spread from the good training images of one model; the
+    latents of every image set are computed once and shared by the recipes (the turned
+    copies of ``+tta`` are encoded when asked for)."""
 
     def __init__(self, detector: Detector, train_images: torch.Tensor) -> None:
+        self.detector = detector
         self.model = detector.model.eval()
-        self.stats = {"paper": (compute_template(self.model, train_images), None)}
-        for recipe in ("znorm", "relative"):
-            self.stats[recipe] = compute_template_and_spread(
-                self.model, train_images, recipe=recipe
-            )
+        self.latents: dict[int, list[torch.Tensor]] = {}
+        train = self._latents(train_images, 0)
+        self.stats = {}
+        for recipe in ("paper", "znorm", "relative", "fused"):
+            moments = LatentMoments(self.model.config, squares=recipe != "paper", device="cpu")
+            moments.add(recipe_latents(train, recipe))
+            dtype = train_images.dtype
+            self.stats[recipe] = (
+                (moments.template(dtype), None) if recipe == "paper"
+                else moments.template_and_spread(dtype)
+            )  # fmt: skip
+        # as compute_level_scale, from the latents at hand
+        _, maxima = level_maxima(self.model, train, *self.stats["fused"])
+        self.level_scale = maxima.double().mean(0).to(train_images.dtype)
 
+    def _latents(self, images: torch.Tensor, view: int) -> list[torch.Tensor]:
+        if view:
+            return latents_of(self.detector, dihedral(images, view))
+        if id(images) not in self.latents:
+            self.latents[id(images)] = latents_of(self.detector, images)
+        return self.latents[id(images)]
+
+    @torch.no_grad()
     def __call__(self, images: torch.Tensor, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (N, H, W), scores (N,)) of one recipe; ``+tta``: the maps of the 8 flipped
-        and turned copies turned back and averaged, score = max of that."""
+        and turned copies turned back and averaged, and their scores averaged."""
         base, _, tta = recipe.partition("+")
         template, spread = self.stats[base]
-        if not tta:
-            return anomaly_maps(self.model, template, images, spread=spread, recipe=base)
-        maps = []
-        for view in range(8):
-            amap, _ = anomaly_maps(
-                self.model, template, dihedral(images, view), spread=spread, recipe=base
-            )
-            maps.append(undo_dihedral(amap, view))
-        mean = torch.stack(maps).mean(0)
-        return mean, mean.flatten(1).amax(1)
+        maps, scores = [], []
+        for view in range(8 if tta else 1):
+            latents = self._latents(images, view)
+            parts = [
+                score_latents(self.model, [z[part] for z in latents], template, spread, base,
+                              self.level_scale)
+                for part in batch_slices(images.shape[0], 8)
+            ]  # fmt: skip
+            maps.append(undo_dihedral(torch.cat([m for m, _ in parts]), view))
+            scores.append(torch.cat([s for _, s in parts]))
+        return torch.stack(maps).mean(0), torch.stack(scores).mean(0)
 
 
 def baseline_maps(
@@ -198,13 +226,48 @@ def trained_detector(folder: Path, config: Config, cache: Path | None) -> tuple[
     return detector, seconds
 
 
-def run_category(folder: Path, category: str, seed: int, args: argparse.Namespace) -> dict:
+def suite_detector(
+    folder: Path, category: str, seed: int, args: argparse.Namespace
+) -> tuple[Detector, float]:
+    """The suite's model of one category and seed (trained, or reused from ``--cache``)."""
     config = Config(
         image_size=args.size, epochs=args.epochs, seed=seed, augment=category in TEXTURES,
         levels=args.levels, stacks=args.stacks, channels=args.channels,
         kernel_size=args.kernel_size,
     )  # fmt: skip
-    detector, train_seconds = trained_detector(folder, config, args.cache)
+    return trained_detector(folder, config, args.cache)
+
+
+def suite_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every suite bench shares: data, model settings, cache and output."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--train", type=int, default=60, help="good training images")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--levels", type=int, default=4)
+    parser.add_argument("--stacks", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--kernel-size", type=int, default=7)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/pyramidflow-accuracy-suite"))
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder to keep trained models in and reuse them from")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return parser
+
+
+def suite_runs(args: argparse.Namespace) -> Iterator[tuple[Path, str, int]]:
+    """(data folder, category, seed) of every run, the data written on first use."""
+    for category in args.categories:
+        folder = write_category(args.data / str(args.size), category, size=args.size,
+                                n_train=args.train)  # fmt: skip
+        for seed in args.seeds:
+            yield folder, category, seed
+
+
+def run_category(folder: Path, category: str, seed: int, args: argparse.Namespace) -> dict:
+    detector, train_seconds = suite_detector(folder, category, seed, args)
     data = open_category(folder)
     n = len(data.train)
     fit_part, held_out = detector._split(n)
@@ -220,7 +283,7 @@ def run_category(folder: Path, category: str, seed: int, args: argparse.Namespac
     scorer = Scorer(detector, train_images)
     quantile = config.threshold_quantile
     rows = {}
-    for r in RECIPES:
+    for r in args.recipes:
         _, held_scores = scorer(held_images, r)
         threshold, _ = decision_threshold(held_scores.numpy(), quantile)
         rows[r] = metrics(*scorer(test_images, r), masks, threshold)
@@ -230,12 +293,12 @@ def run_category(folder: Path, category: str, seed: int, args: argparse.Namespac
     rows["baseline"] = metrics(*baseline_maps(train_images, test_images, sigma), masks, threshold)
     synthetic, synthetic_masks = synthetic_defects(held_images, np.random.default_rng(seed))
     picks = {}
-    for r in RECIPES:
+    for r in args.recipes:
         m = metrics(*scorer(synthetic, r), synthetic_masks)
         picks[r] = (m["pixel_auroc"] + m["image_auroc"]) / 2
     chosen = max(picks, key=picks.get)
     rows["auto"] = dict(rows[chosen])
-    best_on_test = max(RECIPES, key=lambda r: rows[r]["pixel_auroc"] + rows[r]["image_auroc"])
+    best_on_test = max(args.recipes, key=lambda r: rows[r]["pixel_auroc"] + rows[r]["image_auroc"])
     return {
         "category": category, "seed": seed, "train_seconds": train_seconds, "recipes": rows,
         "auto_choice": chosen, "auto_is_best_on_test": chosen == best_on_test,
@@ -250,32 +313,18 @@ def summary(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--train", type=int, default=60, help="good training images")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--levels", type=int, default=4)
-    parser.add_argument("--stacks", type=int, default=4)
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--kernel-size", type=int, default=7)
-    parser.add_argument("--data", type=Path, default=Path("/tmp/pyramidflow-accuracy-suite"))
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="folder to keep trained models in and reuse them from")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser = suite_parser(__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES,
+                        help="recipes to compare and pick from (+tta: 8 encodings)")  # fmt: skip
     args = parser.parse_args(argv)
     meta = run_metadata("cpu", argv)
     results = []
-    for category in args.categories:
-        folder = write_category(args.data / str(args.size), category, size=args.size,
-                                n_train=args.train)  # fmt: skip
-        for seed in args.seeds:
-            results.append(run_category(folder, category, seed, args))
-            row = results[-1]
-            print(category, seed, f"{row['train_seconds']:.0f} s", "auto:", row["auto_choice"],
-                  json.dumps({r: round(m["pixel_auroc"], 3) for r, m in row["recipes"].items()}),
-                  flush=True)  # fmt: skip
+    for folder, category, seed in suite_runs(args):
+        results.append(run_category(folder, category, seed, args))
+        row = results[-1]
+        print(category, seed, f"{row['train_seconds']:.0f} s", "auto:", row["auto_choice"],
+              json.dumps({r: round(m["pixel_auroc"], 3) for r, m in row["recipes"].items()}),
+              flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "accuracy_suite.json").write_text(
         json.dumps(
@@ -284,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         + "\n"  # fmt: skip
     )
-    names = ("baseline", *RECIPES, "auto")
+    names = ("baseline", *args.recipes, "auto")
     lines = [
         f"Accuracy suite, {args.size} px, {args.train} good training images, {args.epochs} "
         f"epochs, L {args.levels} S {args.stacks} C {args.channels} k {args.kernel_size}; "

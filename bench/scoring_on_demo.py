@@ -1,9 +1,9 @@
-"""Every scoring recipe (``paper``, ``znorm``, ``relative``) on the demo's categories, same
-models.
+"""Every scoring recipe (``paper``, ``znorm``, ``relative``, ``fused``) on the demo's
+categories, same models.
 
 Trains the demo (``pyramidflow demo``'s models and data, into ``--out``), then evaluates
-every category's test split with each recipe (template and spread from the same good
-images, the threshold from the same held-out ones). Writes ``scoring_on_demo.json`` and
+every category's test split with each recipe (template, spread and level scale from the
+same good images, the threshold from the same held-out ones). Writes ``scoring_on_demo.json`` and
 ``.md`` under ``--results``.
 
 Run: ``python bench/scoring_on_demo.py``
@@ -27,7 +27,6 @@ from pyramidflow.demo import run_demo  # noqa: E402
 from pyramidflow.io.datasets import open_category  # noqa: E402
 from pyramidflow.metrics import decision_threshold  # noqa: E402
 from pyramidflow.preprocess import load_stack  # noqa: E402
-from pyramidflow.training.template import compute_template_and_spread  # noqa: E402
 
 METRICS = ("pixel_auroc", "image_auroc", "aupro", "good_flagged")
 
@@ -50,10 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[category] = {}
         for recipe in SCORINGS:
             detector.config = detector.config.replace(scoring=recipe)
-            detector.template, spread = compute_template_and_spread(
-                detector.model, images, recipe=recipe
-            )
-            detector.spread = None if recipe == "paper" else spread
+            detector._compute_template(detector.model, images, progress=False)
             _, held_scores = detector.score_batch(held)
             quantile = detector.config.threshold_quantile
             detector.threshold, _ = decision_threshold(held_scores.numpy(), quantile)

@@ -20,8 +20,10 @@ from . import preprocess
 from .config import DEFAULT_MAX_PIXELS, Config
 from .errors import DataError
 from .io.checkpoint import (
+    LEVEL_SCALE_KEY,
     SPREAD_PREFIX,
     CheckpointError,
+    level_scale_from_extras,
     load_checkpoint,
     save_checkpoint,
     spread_from_extras,
@@ -30,10 +32,14 @@ from .io.datasets import Sample, open_category, training_images
 from .io.images import read_array, read_mask
 from .metrics import decision_threshold, evaluate_maps, f1_max
 from .model.flow import PyramidFlow
-from .model.scoring import anomaly_maps, uses_spread
+from .model.scoring import anomaly_maps, uses_level_scale, uses_spread
 from .progress import progress_bar
 from .training.loop import resolve_augment, train
-from .training.template import compute_template, compute_template_and_spread
+from .training.template import (
+    compute_level_scale,
+    compute_template,
+    compute_template_and_spread,
+)
 
 ImageLike = str | os.PathLike[str] | np.ndarray
 EpochCallback = Callable[[int, float, "dict[str, float] | None"], None]
@@ -43,9 +49,11 @@ EpochCallback = Callable[[int, float, "dict[str, float] | None"], None]
 class Prediction:
     """One image's result at the image's own resolution.
 
-    ``anomaly_map``: float32 (H, W), higher is more anomalous. ``score``: the maximum of the
-    map at model resolution. ``mask``: bool (H, W), the map at or above the detector's
-    threshold; ``is_anomalous``: the score at or above it (both ``None`` without one).
+    ``anomaly_map``: float32 (H, W), higher is more anomalous. ``score``: the image score of
+    the scoring recipe (the map's maximum at model resolution, or for ``fused`` the levels'
+    fused maxima). ``mask``: bool (H, W), the map at or above the detector's
+    :meth:`~Detector.map_threshold`; ``is_anomalous``: the score at or above its threshold
+    (both ``None`` without one).
     """
 
     anomaly_map: np.ndarray
@@ -79,8 +87,10 @@ class Detector:
         self.device = torch.device(device)
         self.model: PyramidFlow | None = None
         self.template: list[torch.Tensor] | None = None
-        # the good images' standard deviation of every latent element (scoring "znorm")
+        # the good images' standard deviation of every latent element (scoring "znorm",
+        # "relative", "fused") and mean maximum of every level's map ("fused")
         self.spread: list[torch.Tensor] | None = None
+        self.level_scale: torch.Tensor | None = None
         self.threshold: float | None = None
         self.info: dict[str, Any] = {}
 
@@ -130,6 +140,7 @@ class Detector:
         torch.manual_seed(self.config.seed)
         self.model = model = PyramidFlow(self.config)
         self.template, self.spread, self.threshold = None, None, None
+        self.level_scale = None
         epoch_metrics: list[dict[str, float]] = []
 
         def after_epoch(epoch: int, loss: float) -> None:
@@ -152,14 +163,20 @@ class Detector:
         )
         self._compute_template(model, train_images, progress)
         source_of_threshold = HELD_OUT if held_out else "training images"
-        _, scores = self.score_batch(reference)
+        maps, scores = self.score_batch(reference)
         self.threshold, threshold_rule = decision_threshold(
             scores.numpy(), self.config.threshold_quantile
+        )
+        # masks and overlays compare map values, which are on the score's scale only when
+        # the score is the map's maximum (not for "fused"): the same rule over map maxima
+        map_threshold, _ = decision_threshold(
+            maps.flatten(1).amax(1).numpy(), self.config.threshold_quantile
         )
         self.info = {
             "training_images": int(len(fit_part)),
             "held_out_images": int(len(held_out)),
             "threshold": self.threshold,
+            "map_threshold": map_threshold,
             "threshold_from": source_of_threshold,
             "threshold_images": int(len(reference)),
             "threshold_quantile": self.config.threshold_quantile,
@@ -219,14 +236,18 @@ class Detector:
         )
 
     def _compute_template(self, model: PyramidFlow, images: torch.Tensor, progress: bool) -> None:
-        """The template, and the spread when the scoring recipe needs it."""
+        """The template, and the spread and level scale when the scoring recipe needs them."""
+        self.spread, self.level_scale = None, None
         if uses_spread(self.config.scoring):
             self.template, self.spread = compute_template_and_spread(
                 model, images, recipe=self.config.scoring, device=self.device, progress=progress
             )
         else:
             self.template = compute_template(model, images, device=self.device, progress=progress)
-            self.spread = None
+        if uses_level_scale(self.config.scoring):
+            self.level_scale = compute_level_scale(
+                model, images, self.template, self.spread, device=self.device, progress=progress
+            )
 
     def _evaluate_during_training(
         self, model: PyramidFlow, train_images: torch.Tensor, category: str | os.PathLike[str]
@@ -241,7 +262,7 @@ class Detector:
                 self._compute_template(model, train_images, progress=False)
                 return self.evaluate(category).metrics
         finally:
-            self.template, self.spread = None, None
+            self.template, self.spread, self.level_scale = None, None, None
             model.train(was_training)
 
     def _checked_tensor(self, images: torch.Tensor) -> torch.Tensor:
@@ -273,6 +294,8 @@ class Detector:
         """Write model, template, config, preprocessing and threshold to one file."""
         model, template = self._ready()
         extra = {f"{SPREAD_PREFIX}{level}": s for level, s in enumerate(self.spread or [])}
+        if self.level_scale is not None:
+            extra[LEVEL_SCALE_KEY] = self.level_scale
         return save_checkpoint(path, model, template, info=self.info, extra_tensors=extra)
 
     @classmethod
@@ -297,6 +320,8 @@ class Detector:
         det.template = [t.to(det.device) for t in checkpoint.template]
         if uses_spread(det.config.scoring):
             det.spread = [s.to(det.device) for s in spread_from_extras(checkpoint, path)]
+        if uses_level_scale(det.config.scoring):
+            det.level_scale = level_scale_from_extras(checkpoint, path).to(det.device)
         det.info = checkpoint.info
         threshold = det.info.get("threshold")
         det.threshold = float(threshold) if threshold is not None else None
@@ -310,6 +335,11 @@ class Detector:
                 f"scoring {self.config.scoring!r} needs the latent spread of the good images: "
                 "call fit()"
             )
+        if uses_level_scale(self.config.scoring) and self.level_scale is None:
+            raise RuntimeError(
+                f"scoring {self.config.scoring!r} needs the level scale of the good images: "
+                "call fit()"
+            )
         return self.model, self.template
 
     # -- inference ------------------------------------------------------------------------
@@ -320,7 +350,8 @@ class Detector:
         model, template = self._ready()
         return anomaly_maps(
             model, template, images, spread=self.spread, recipe=self.config.scoring,
-            batch_size=batch_size, device=self.device, progress=progress,
+            level_scale=self.level_scale, batch_size=batch_size, device=self.device,
+            progress=progress,
         )  # fmt: skip
 
     def _checked_batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -343,12 +374,21 @@ class Detector:
                 "outside the image type's range)"
             )
 
-    def _result(self, amap: np.ndarray, score: float, source: str) -> Prediction:
+    def map_threshold(self) -> float | None:
+        """The map value at and above which a pixel is flagged (masks, overlay colours): the
+        threshold's rule applied to the maps' maxima of the same held-out images. It equals
+        :attr:`threshold` when the recipe's score is the map's maximum (all but ``fused``,
+        and model files written before it existed)."""
         if self.threshold is None:
+            return None
+        value = self.info.get("map_threshold")
+        return self.threshold if value is None else float(value)
+
+    def _result(self, amap: np.ndarray, score: float, source: str) -> Prediction:
+        map_threshold = self.map_threshold()
+        if self.threshold is None or map_threshold is None:
             return Prediction(amap, score, source=source)
-        return Prediction(
-            amap, score, amap >= self.threshold, bool(score >= self.threshold), source
-        )
+        return Prediction(amap, score, amap >= map_threshold, bool(score >= self.threshold), source)
 
     def predict(
         self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, *, batch_size: int = 8

@@ -36,8 +36,10 @@ GEOMETRIES = ("resize", "native")
 # "paper": map = mean_c Compose(|z - T|), score = its max (the paper's recipe, bit for bit);
 # "znorm": each latent's residual over the good images' standard deviation of it, the
 # composed map smoothed (Gaussian, sigma 4 px per 256 px), score = its max (docs/method.md);
-# "relative": znorm on latents standardized per image and channel, the map over its mean.
-SCORINGS = ("paper", "znorm", "relative")
+# "relative": znorm on latents standardized per image and channel, the map over its mean;
+# "fused": relative's map, the image score fused over the pyramid levels (each level's
+# own relative map's max over its mean on the good training images, averaged).
+SCORINGS = ("paper", "znorm", "relative", "fused")
 NORMALIZATIONS = ("auto", "imagenet", "dataset", "fixed")
 
 
@@ -104,9 +106,9 @@ class Config:
     # images and flag a pixel / image above this quantile of their scores
     holdout_fraction: float = 0.1
     threshold_quantile: float = 0.99
-    # anomaly map and image score recipe, one of SCORINGS ("relative": the best measured on
+    # anomaly map and image score recipe, one of SCORINGS ("fused": the best measured on
     # bench/accuracy_suite.py and the demo; "paper": the paper's, bit for bit)
-    scoring: str = "relative"
+    scoring: str = "fused"
     # image files declaring more pixels than this are refused before decoding (a reading
     # policy, not part of the model: it may differ between training, resume and prediction)
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -25,7 +25,10 @@ from test_readme import section_code  # noqa: E402
 from pyramidflow import metrics  # noqa: E402
 from pyramidflow.integrations.anomalib import NoTemplateError, Pyramidflow  # noqa: E402
 from pyramidflow.synthetic import generate_demo_dataset  # noqa: E402
-from pyramidflow.training.template import compute_template_and_spread  # noqa: E402
+from pyramidflow.training.template import (  # noqa: E402
+    compute_level_scale,
+    compute_template_and_spread,
+)
 
 SIZE = 32
 DEFECTS = ("crack", "hole", "scratch", "stain")
@@ -78,12 +81,13 @@ def stacked(batches: list[Any], field: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One znorm model fitted for a few steps by anomalib's Engine, then tested and
-    predicted on the datamodule's test split."""
+    """One model with the default scoring recipe (``fused``: template, spread and level
+    scale) fitted for a few steps by anomalib's Engine, then tested and predicted on the
+    datamodule's test split."""
     warnings.filterwarnings("ignore", module="lightning|anomalib|torchmetrics")
     root = tmp_path_factory.mktemp("anomalib")
     datamodule = folder_datamodule(root / "data")
-    model = Pyramidflow(**SMALL, scoring="znorm", evaluator=anomalib_metrics())
+    model = Pyramidflow(**SMALL, evaluator=anomalib_metrics())
     engine = make_engine(root / "results", max_epochs=3)
     engine.fit(model, datamodule=datamodule)
     (tested,) = engine.test(model, datamodule=datamodule)
@@ -107,8 +111,7 @@ def test_engine_fits_tests_and_predicts_in_anomalibs_batch_format(fitted: dict) 
     # anomalib's post-processor thresholds them into labels and masks
     assert stacked(predicted, "pred_label").dtype == torch.bool
     assert stacked(predicted, "pred_mask").shape == maps.shape
-    # the score is a map's maximum: normalization by the post-processor is monotonic
-    assert maps.flatten(1).amax(1).argmax() == scores.argmax()
+    assert fitted["model"].config.scoring == "fused"
     assert fitted["model"].model.template_ready
     # anomalib's visualizer drew every test image (image, mask, map, predicted mask)
     drawn = list((fitted["root"] / "results").rglob("images/test/*/*.png"))
@@ -137,11 +140,15 @@ def test_template_is_the_librarys_at_the_end_of_fitting(fitted: dict) -> None:
     normalized = model.pre_processor.transform(images).double()
     # the float64 reference of the same computation
     flow64 = copy.deepcopy(model.model.flow).double()
-    template, spread = compute_template_and_spread(flow64, normalized, batch_size=3)
+    template, spread = compute_template_and_spread(
+        flow64, normalized, recipe=model.config.scoring, batch_size=3
+    )
     for ours, reference in zip(model.model.template(), template, strict=True):
         assert relative_error(ours, reference) < 1e-5
     for ours, reference in zip(model.model.spread() or [], spread, strict=True):
         assert relative_error(ours, reference) < 1e-5
+    level_scale = compute_level_scale(flow64, normalized, template, spread, batch_size=3)
+    assert relative_error(model.model.level_scale, level_scale) < 1e-5
 
 
 def test_checkpoint_round_trips_through_lightning(fitted: dict) -> None:

@@ -1,6 +1,6 @@
-"""The ``znorm`` and ``relative`` scoring recipes (docs/method.md section 8): the good images'
-spread of every latent element, the normalized and smoothed map, their checkpoint and export
-round trips; ``paper`` scoring stays the paper's map."""
+"""The ``znorm``, ``relative`` and ``fused`` scoring recipes (docs/method.md section 8): the
+good images' spread of every latent element, the normalized and smoothed map, the level-fused
+image score, their checkpoint and export round trips; ``paper`` scoring stays the paper's map."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from scipy import ndimage
 
 from pyramidflow import CheckpointError, Config, Detector, PyramidFlow, save_checkpoint
 from pyramidflow.cli import main
-from pyramidflow.io.checkpoint import SPREAD_PREFIX, load_checkpoint
+from pyramidflow.io.checkpoint import LEVEL_SCALE_KEY, SPREAD_PREFIX, load_checkpoint
+from pyramidflow.metrics import decision_threshold
 from pyramidflow.model.scoring import (
     gaussian_blur,
+    level_maxima,
     score_latents,
     smoothing_sigma,
     standardize_per_image,
@@ -26,12 +28,13 @@ from pyramidflow.model.scoring import (
 from pyramidflow.preprocess import load_stack
 from pyramidflow.training.template import (
     SPREAD_FLOOR,
+    compute_level_scale,
     compute_template,
     compute_template_and_spread,
 )
 
 
-@pytest.fixture(scope="module", params=["znorm", "relative"])
+@pytest.fixture(scope="module", params=["znorm", "relative", "fused"])
 def znorm(request, tiny_category: Path) -> Detector:
     """A detector trained with a recipe that uses the spread."""
     return Detector(TINY_CONFIG.replace(scoring=request.param)).fit(tiny_category)
@@ -101,10 +104,12 @@ def test_relative_scores_ignore_each_images_latent_offset_and_gain():
     gain = [torch.rand(3, 4, 1, 1, dtype=torch.float64) * 3 + 0.2 for _ in latents]
     offset = [torch.randn(3, 4, 1, 1, dtype=torch.float64) * 5 for _ in latents]
     moved = [z * g + o for z, g, o in zip(latents, gain, offset, strict=True)]
-    maps, scores = score_latents(model, latents, template, spread, "relative")
-    moved_maps, moved_scores = score_latents(model, moved, template, spread, "relative")
-    assert relative_error(moved_maps, maps) < 1e-12
-    assert relative_error(moved_scores, scores) < 1e-12
+    scale = compute_level_scale(model, good, template, spread)
+    for recipe in ("relative", "fused"):
+        maps, scores = score_latents(model, latents, template, spread, recipe, scale)
+        moved_maps, moved_scores = score_latents(model, moved, template, spread, recipe, scale)
+        assert relative_error(moved_maps, maps) < 1e-12
+        assert relative_error(moved_scores, scores) < 1e-12
     znorm_template, znorm_spread = compute_template_and_spread(model, good)
     plain, _ = score_latents(model, latents, znorm_template, znorm_spread, "znorm")
     plain_moved, _ = score_latents(model, moved, znorm_template, znorm_spread, "znorm")
@@ -118,17 +123,52 @@ def test_spread_recipes_maps_are_the_normalized_composed_and_smoothed_residuals(
     maps, scores = znorm.score_batch(images)
     with torch.no_grad():
         latents = znorm.model(images)
-    if znorm.config.scoring == "relative":
+    if znorm.config.scoring != "znorm":
         latents = standardize_per_image(latents)
     scaled = [z / s for z, s in zip(latents, znorm.spread, strict=True)]
     template = [t / s for t, s in zip(znorm.template, znorm.spread, strict=True)]
     raw, _ = znorm.model.anomaly_map(scaled, template)
     expected = gaussian_blur(raw, smoothing_sigma(znorm.config.image_size[0]))
-    if znorm.config.scoring == "relative":
+    if znorm.config.scoring != "znorm":
         expected = expected / expected.mean(dim=(1, 2), keepdim=True)
         assert relative_error(maps.mean(dim=(1, 2)), torch.ones(maps.shape[0])) < 1e-6
     assert relative_error(maps, expected) < 1e-6
-    assert torch.equal(scores, maps.flatten(1).amax(1))
+    if znorm.config.scoring != "fused":
+        assert torch.equal(scores, maps.flatten(1).amax(1))
+        return
+    # fused: each level's residual composed alone, made relative, its maximum over the good
+    # images' mean maximum of that level, averaged over the levels
+    maxima = []
+    for level in range(len(scaled)):
+        alone = [z if i == level else torch.zeros_like(z) for i, z in enumerate(scaled)]
+        alone_t = [t if i == level else torch.zeros_like(t) for i, t in enumerate(template)]
+        level_map, _ = znorm.model.anomaly_map(alone, alone_t)
+        level_map = gaussian_blur(level_map, smoothing_sigma(znorm.config.image_size[0]))
+        maxima.append((level_map / level_map.mean(dim=(1, 2), keepdim=True)).flatten(1).amax(1))
+    expected_scores = (torch.stack(maxima, 1) / znorm.level_scale).mean(1)
+    assert relative_error(scores, expected_scores) < 1e-6
+
+
+def test_fused_scores_of_the_good_images_average_one():
+    """The level scale is the good images' mean maximum of every level, so the fused score
+    (the mean over levels of maximum / scale) of exactly those images averages 1, and an
+    image whose finest level alone is off by a defect-like bump scores above all of them."""
+    torch.manual_seed(2)
+    config = Config(image_size=32, levels=3, stacks=1, channels=4, kernel_size=3)
+    model = PyramidFlow(config).double().eval()
+    good = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    template, spread = compute_template_and_spread(model, good, recipe="fused")
+    scale = compute_level_scale(model, good, template, spread, batch_size=3)
+    with torch.no_grad():
+        latents = model(good)
+    _, maxima = level_maxima(model, latents, template, spread)
+    assert relative_error(scale, maxima.mean(0)) < 1e-12
+    _, scores = score_latents(model, latents, template, spread, "fused", scale)
+    assert abs(scores.mean().item() - 1.0) < 1e-12
+    bumped = [z.clone() for z in latents]
+    bumped[0][0, :, 10:13, 10:13] += 40.0
+    _, bumped_scores = score_latents(model, bumped, template, spread, "fused", scale)
+    assert bumped_scores[0] > scores.max()
 
 
 def test_paper_scoring_is_the_plain_residual_map(tiny_model, tiny_category):
@@ -166,6 +206,20 @@ def test_znorm_checkpoint_round_trip_and_missing_spread(znorm, tiny_category, tm
     save_checkpoint(broken, checkpoint.model, checkpoint.template, checkpoint.info, bad)
     with pytest.raises(CheckpointError, match="positive and finite"):
         Detector.load(broken)
+    if znorm.config.scoring != "fused":
+        return
+    assert torch.equal(loaded.level_scale, znorm.level_scale)
+    extras = {k: v for k, v in checkpoint.extra_tensors.items() if k != LEVEL_SCALE_KEY}
+    save_checkpoint(stripped, checkpoint.model, checkpoint.template, checkpoint.info, extras)
+    with pytest.raises(CheckpointError, match=f"{stripped.name}.*{LEVEL_SCALE_KEY}"):
+        Detector.load(stripped)
+    bad = {
+        **checkpoint.extra_tensors,
+        LEVEL_SCALE_KEY: checkpoint.extra_tensors[LEVEL_SCALE_KEY][1:],
+    }
+    save_checkpoint(broken, checkpoint.model, checkpoint.template, checkpoint.info, bad)
+    with pytest.raises(CheckpointError, match="one per level"):
+        Detector.load(broken)
 
 
 def test_znorm_export_reproduces_the_detector(znorm, tiny_category, tmp_path):
@@ -190,3 +244,23 @@ def test_scoring_flag_trains_and_evaluate_names_the_recipe(tiny_category, tmp_pa
     capsys.readouterr()
     assert main(["evaluate", str(model), str(data), "--no-progress"]) == 0
     assert "scoring: relative" in capsys.readouterr().out
+    assert Config().scoring == "fused"
+
+
+def test_masks_compare_the_map_with_a_threshold_on_the_maps_scale(znorm, tiny_category):
+    """The fused score is not on the map's scale, so masks and overlays use the same rule
+    over the held-out maps' maxima; for the other recipes that is the image threshold."""
+    n = len(list((tiny_category / "train" / "good").glob("*.png")))
+    _, held_out = znorm._split(n)
+    train = sorted((tiny_category / "train" / "good").glob("*.png"))
+    maps, scores = znorm.score_batch(load_stack([train[i] for i in held_out], znorm.config))
+    quantile = znorm.config.threshold_quantile
+    expected, _ = decision_threshold(maps.flatten(1).amax(1).numpy(), quantile)
+    assert znorm.map_threshold() == expected
+    assert znorm.threshold == decision_threshold(scores.numpy(), quantile)[0]
+    if znorm.config.scoring != "fused":
+        assert znorm.map_threshold() == znorm.threshold
+    image = next((tiny_category / "test").glob("*/*.png"))
+    prediction = znorm.predict(image)
+    assert np.array_equal(prediction.mask, prediction.anomaly_map >= znorm.map_threshold())
+    assert prediction.is_anomalous == (prediction.score >= znorm.threshold)

@@ -101,8 +101,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--scoring",
         choices=SCORINGS,
         help="anomaly map recipe: paper (|z - T|, the paper's), znorm (residuals over the "
-        "good images' spread, smoothed) or relative (znorm on per-image standardized latents, "
-        "the map over its own mean); docs/method.md section 8",
+        "good images' spread, smoothed), relative (znorm on per-image standardized latents, "
+        "the map over its own mean) or fused (default: relative's map, the image score fused "
+        "over the pyramid levels); docs/method.md section 8",
     )
     g.add_argument(
         "--backend",

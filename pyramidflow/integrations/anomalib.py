@@ -30,9 +30,14 @@ from torch import nn
 from ..config import IMAGENET_MEAN, IMAGENET_STD, Config
 from ..errors import PyramidFlowError
 from ..model.flow import PyramidFlow, level_sizes
-from ..model.scoring import recipe_latents, score_latents, uses_spread
+from ..model.scoring import (
+    recipe_latents,
+    score_latents,
+    uses_level_scale,
+    uses_spread,
+)
 from ..training.loop import augment, check_finite, make_optimizer
-from ..training.template import LatentMoments
+from ..training.template import LatentMoments, sum_level_maxima
 
 try:
     from anomalib import LearningType
@@ -66,6 +71,9 @@ class PyramidflowModel(nn.Module):
         self.levels = config.levels
         self.recipe = config.scoring
         self.needs_spread = uses_spread(config.scoring)
+        self.needs_level_scale = uses_level_scale(config.scoring)
+        if self.needs_level_scale:
+            self.register_buffer("level_scale", torch.ones(config.levels))
         for level, (h, w) in enumerate(level_sizes(config.image_size, config.levels)):
             self.register_buffer(f"template_{level}", torch.zeros(config.channels, h, w))
             if self.needs_spread:
@@ -108,8 +116,9 @@ class PyramidflowModel(nn.Module):
                 "load a checkpoint written after fitting"
             )
         latents = self.flow(images)
+        level_scale = self.level_scale if self.needs_level_scale else None
         maps, scores = score_latents(
-            self.flow, latents, self.template(), self.spread(), self.recipe
+            self.flow, latents, self.template(), self.spread(), self.recipe, level_scale
         )
         return InferenceBatch(pred_score=scores, anomaly_map=maps)
 
@@ -122,7 +131,7 @@ class Pyramidflow(AnomalibModule):
     ``kernel_size``, ``volume_norm`` ("CVN" or "SVN"), ``image_size`` (the pre-processor
     resizes to it; multiples of 2^(levels-1)), ``clamp``, ``memory`` ("recompute": training
     memory constant in depth; "store": plain autograd), ``backend`` ("auto", "torch",
-    "triton"), ``scoring`` ("paper", "znorm" or "relative"), the optimizer's ``lr``,
+    "triton"), ``scoring`` ("paper", "znorm", "relative" or "fused"), the optimizer's ``lr``,
     ``betas``, ``eps``, ``weight_decay``, the gradient-norm clip ``grad_clip``, the texture
     ``augment``ation (flips, rot90) and the ``seed`` of its draws. ``pre_processor`` ...
     ``visualizer`` are anomalib's (True: the defaults, False: none, or an instance).
@@ -139,7 +148,7 @@ class Pyramidflow(AnomalibModule):
         clamp: float = 2.0,
         memory: str = "recompute",
         backend: str = "auto",
-        scoring: str = "relative",
+        scoring: str = "fused",
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.9),
         eps: float = 1e-4,
@@ -281,9 +290,20 @@ class Pyramidflow(AnomalibModule):
         with torch.no_grad():
             for images in self._training_images():
                 moments.add(recipe_latents(self.model.flow(images), self.model.recipe))
-        self.model.set_template(moments)
+            self.model.set_template(moments)
+            if self.model.needs_level_scale:
+                self._refresh_level_scale()
         self._trained_since_template = False
         self.model.train(was_training)
+
+    def _refresh_level_scale(self) -> None:
+        """The ``fused`` recipe's level scale: every level's map maximum averaged over the
+        training images (a second pass, with the new template and spread)."""
+        total, count = sum_level_maxima(
+            self.model.flow, self._training_images(), self.model.template(),
+            self.model.spread() or [],
+        )  # fmt: skip
+        self.model.level_scale.copy_(total / count.clamp_min(1))
 
     def _training_images(self) -> Iterator[torch.Tensor]:
         """The training images in order, pre-processed, on the model's device: the

@@ -30,8 +30,10 @@ FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 TEMPLATE_PREFIX = "template."
 EXTRA_PREFIX = "extra."
-#: Extra tensors holding the znorm/relative scoring recipes' spread, one per level.
+#: Extra tensors holding the znorm/relative/fused scoring recipes' spread, one per level.
 SPREAD_PREFIX = "latent_spread."
+#: Extra tensor holding the fused scoring recipe's level scale (L,).
+LEVEL_SCALE_KEY = "level_score_scale"
 
 
 class CheckpointError(PyramidFlowError, ValueError):
@@ -237,7 +239,7 @@ def load_checkpoint(
 
 
 def spread_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> list[torch.Tensor]:
-    """The spread of the ``znorm`` and ``relative`` scoring recipes (the good images'
+    """The spread of the ``znorm``, ``relative`` and ``fused`` scoring recipes (the good images'
     standard deviation of every latent element) from a checkpoint's extra tensors, checked
     against the template."""
     if checkpoint.template is None:
@@ -259,3 +261,21 @@ def spread_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> 
             )
         spread.append(tensor)
     return spread
+
+
+def level_scale_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> torch.Tensor:
+    """The ``fused`` scoring recipe's level scale (the good images' mean maximum of every
+    level's map, (L,)) from a checkpoint's extra tensors, checked against the model."""
+    tensor = checkpoint.extra_tensors.get(LEVEL_SCALE_KEY)
+    if tensor is None:
+        raise CheckpointError(
+            f"{path}: scoring {checkpoint.config.scoring!r} needs {LEVEL_SCALE_KEY}, which the "
+            "file lacks; retrain, or set the config's scoring to 'relative' or 'paper'"
+        )
+    levels = checkpoint.config.levels
+    usable = bool(torch.isfinite(tensor).all() & (tensor > 0).all())
+    if tuple(tensor.shape) != (levels,) or not usable:
+        raise CheckpointError(
+            f"{path}: {LEVEL_SCALE_KEY} must be {levels} positive finite numbers (one per level)"
+        )
+    return tensor

@@ -28,8 +28,13 @@ from torch import nn
 from ..config import Config
 from ..errors import PyramidFlowError
 from ..model.flow import PyramidFlow
-from ..model.scoring import score_latents, uses_spread
-from .checkpoint import CheckpointError, load_checkpoint, spread_from_extras
+from ..model.scoring import score_latents, uses_level_scale, uses_spread
+from .checkpoint import (
+    CheckpointError,
+    level_scale_from_extras,
+    load_checkpoint,
+    spread_from_extras,
+)
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18
@@ -57,6 +62,7 @@ class AnomalyGraph(nn.Module):
         model: PyramidFlow,
         template: Sequence[torch.Tensor],
         spread: Sequence[torch.Tensor] | None = None,
+        level_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         config = model.config
@@ -68,7 +74,14 @@ class AnomalyGraph(nn.Module):
         self.recipe = config.scoring
         if uses_spread(self.recipe) and spread is None:
             raise ExportError(f"scoring {self.recipe!r} needs the good images' spread")
+        if uses_level_scale(self.recipe) and level_scale is None:
+            raise ExportError(f"scoring {self.recipe!r} needs the good images' level scale")
         self.normalized = uses_spread(self.recipe)
+        if uses_level_scale(self.recipe):
+            scale = level_scale.detach().float().cpu().reshape(-1)  # type: ignore[union-attr]
+            self.register_buffer("level_scale", scale)
+        else:
+            self.level_scale = None
         for level, tensor in enumerate(template):
             tensor = tensor.detach().float().cpu().reshape(1, *tensor.shape[-3:])
             self.register_buffer(f"template_{level}", tensor)
@@ -90,7 +103,9 @@ class AnomalyGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps (B, H, W) and image scores (B,) of a normalized batch."""
         latents = self.model(images)
-        return score_latents(self.model, latents, self.template(), self.spread(), self.recipe)
+        return score_latents(
+            self.model, latents, self.template(), self.spread(), self.recipe, self.level_scale
+        )
 
     def example_input(self, batch: int = EXAMPLE_BATCH) -> torch.Tensor:
         """A zero batch of the model's input shape, for tracing."""
@@ -137,6 +152,7 @@ def export_program(
     dynamic_batch: bool = True,
     info: dict[str, Any] | None = None,
     spread: Sequence[torch.Tensor] | None = None,
+    level_scale: torch.Tensor | None = None,
 ) -> Path:
     """Write the inference graph as a ``torch.export`` program (``.pt2``).
 
@@ -145,7 +161,7 @@ def export_program(
     file ``pyramidflow.json`` (``torch.export.load(path, extra_files={...})``).
     """
     path = _prepare_output(path)
-    graph = AnomalyGraph(model, template, spread)
+    graph = AnomalyGraph(model, template, spread, level_scale)
     batch = EXAMPLE_BATCH if dynamic_batch else 1
     with torch.no_grad():
         program = torch.export.export(
@@ -165,6 +181,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     info: dict[str, Any] | None = None,
     spread: Sequence[torch.Tensor] | None = None,
+    level_scale: torch.Tensor | None = None,
 ) -> Path:
     """Write the inference graph as one ONNX file (input ``images``, outputs
     ``anomaly_map`` and ``score``; batch dimension named ``batch`` when dynamic).
@@ -174,7 +191,7 @@ def export_onnx(
     JSON string ``metadata_props["pyramidflow"]``.
     """
     path = _prepare_output(path)
-    graph = AnomalyGraph(model, template, spread)
+    graph = AnomalyGraph(model, template, spread, level_scale)
     batch = EXAMPLE_BATCH if dynamic_batch else 1
     try:
         with torch.no_grad():
@@ -218,17 +235,20 @@ def export_checkpoint(
         raise CheckpointError(
             f"{checkpoint_path}: checkpoint has no latent template; train it first"
         )
-    spread = None
+    spread, level_scale = None, None
     if uses_spread(checkpoint.config.scoring):
         spread = spread_from_extras(checkpoint, checkpoint_path)
+    if uses_level_scale(checkpoint.config.scoring):
+        level_scale = level_scale_from_extras(checkpoint, checkpoint_path)
     if fmt == "onnx":
         return export_onnx(
             checkpoint.model, checkpoint.template, out_path, opset=opset,
             dynamic_batch=dynamic_batch, info=checkpoint.info, spread=spread,
+            level_scale=level_scale,
         )  # fmt: skip
     return export_program(
         checkpoint.model, checkpoint.template, out_path, dynamic_batch=dynamic_batch,
-        info=checkpoint.info, spread=spread,
+        info=checkpoint.info, spread=spread, level_scale=level_scale,
     )  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Anomaly maps and image scores of an image batch against a latent template.
 
-Three recipes (``Config.scoring``, docs/method.md section 8):
+Four recipes (``Config.scoring``, docs/method.md section 8):
 
 - ``paper``: map = mean_c Compose(|z - T|) at the input size, score = max of the map;
 - ``znorm``: every latent element's residual divided by the good images' standard
@@ -11,7 +11,12 @@ Three recipes (``Config.scoring``, docs/method.md section 8):
   channel of each image to zero mean and unit standard deviation over its positions; T
   and s come from standardized latents too), the smoothed map divided by its own mean;
   score = max of that. Brightness, contrast and colour that vary from one good image to
-  the next no longer raise the whole map.
+  the next no longer raise the whole map;
+- ``fused``: ``relative``'s map; the image score fuses the pyramid levels: each level's
+  residual composed alone into a map (blurred, over its own mean, as ``relative``), its
+  maximum divided by that level's mean maximum over the good training images
+  (``level_scale``), averaged over the levels. A defect that only one scale sees is not
+  drowned by the maximum of the summed map, and no level dominates by its typical size.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ def uses_spread(recipe: str) -> bool:
     return recipe != "paper"
 
 
+def uses_level_scale(recipe: str) -> bool:
+    """Whether a scoring recipe needs the good images' mean maximum of every level's map."""
+    return uses_spread(recipe) and recipe == "fused"
+
+
 def standardize_per_image(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Every latent channel of every image shifted and scaled to zero mean and unit
     (population) standard deviation over its positions: L tensors (B, C, h_l, w_l)."""
@@ -52,7 +62,7 @@ def standardize_per_image(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]
 def recipe_latents(latents: Sequence[torch.Tensor], recipe: str) -> list[torch.Tensor]:
     """The latents a recipe compares with its template (and from which the template and
     spread of that recipe are computed)."""
-    if recipe == "relative":
+    if recipe in ("relative", "fused"):
         return standardize_per_image(latents)
     return list(latents)
 
@@ -87,6 +97,45 @@ def smoothing_sigma(height: int) -> float:
     return SMOOTHING_PX_PER_256 * height / 256
 
 
+def _relative_map(amap: torch.Tensor) -> torch.Tensor:
+    """A composed map smoothed and divided by its own mean (the ``relative`` map)."""
+    amap = gaussian_blur(amap, smoothing_sigma(amap.shape[-2]))
+    return amap / amap.mean(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(amap.dtype).tiny)
+
+
+def _normalized_residuals(
+    latents: Sequence[torch.Tensor],
+    template: Sequence[torch.Tensor],
+    spread: Sequence[torch.Tensor],
+    recipe: str,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(latents / s, T / s) of the recipe's latents, so that the anomaly-map op composes
+    |z - T| / s."""
+    scale = [1.0 / s for s in spread]
+    latents = [z * k for z, k in zip(recipe_latents(latents, recipe), scale, strict=True)]
+    return latents, [t * k for t, k in zip(template, scale, strict=True)]
+
+
+def level_maxima(
+    model: PyramidFlow,
+    latents: Sequence[torch.Tensor],
+    template: Sequence[torch.Tensor],
+    spread: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ``fused`` map (B, H, W), maxima (B, L)): every level's normalized residual
+    composed alone (the other levels zero), each such map made relative and its maximum
+    taken; the map is the relative map of their sum (the composition is linear)."""
+    latents, template = _normalized_residuals(latents, template, spread, "fused")
+    total, maxima = None, []
+    for level in range(len(latents)):
+        only_z = [z if i == level else torch.zeros_like(z) for i, z in enumerate(latents)]
+        only_t = [t if i == level else torch.zeros_like(t) for i, t in enumerate(template)]
+        amap, _ = model.anomaly_map(only_z, only_t)
+        total = amap if total is None else total + amap
+        maxima.append(_relative_map(amap).flatten(1).amax(1))
+    return _relative_map(total), torch.stack(maxima, 1)
+
+
 @torch.no_grad()
 def score_latents(
     model: PyramidFlow,
@@ -94,25 +143,31 @@ def score_latents(
     template: Sequence[torch.Tensor],
     spread: Sequence[torch.Tensor] | None = None,
     recipe: str | None = None,
+    level_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps (B, H, W) and image scores (B,) of one batch's latents, on their device.
 
-    ``recipe``: ``paper``, ``znorm`` or ``relative`` (default: ``znorm`` with a spread,
-    ``paper`` without); ``template`` and ``spread`` are the recipe's (from
-    :func:`recipe_latents` of the good images)."""
+    ``recipe``: one of ``SCORINGS`` (default: ``znorm`` with a spread, ``paper``
+    without); ``template`` and ``spread`` are the recipe's (from :func:`recipe_latents` of
+    the good images); ``level_scale`` (L,): ``fused``'s mean level maxima of the good
+    images (:func:`level_maxima`)."""
     if recipe is None:
         recipe = "paper" if spread is None else "znorm"
     if not uses_spread(recipe):
         return model.anomaly_map(latents, template)
     if spread is None:
         raise ValueError(f"scoring {recipe!r} needs the good images' spread")
-    scale = [1.0 / s for s in spread]
-    latents = [z * k for z, k in zip(recipe_latents(latents, recipe), scale, strict=True)]
-    template = [t * k for t, k in zip(template, scale, strict=True)]
+    if uses_level_scale(recipe):
+        if level_scale is None:
+            raise ValueError(f"scoring {recipe!r} needs the good images' level scale")
+        amap, maxima = level_maxima(model, latents, template, spread)
+        return amap, (maxima / level_scale.to(maxima)).mean(1)
+    latents, template = _normalized_residuals(latents, template, spread, recipe)
     amap, _ = model.anomaly_map(latents, template)
-    amap = gaussian_blur(amap, smoothing_sigma(amap.shape[-2]))
     if recipe == "relative":
-        amap = amap / amap.mean(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(amap.dtype).tiny)
+        amap = _relative_map(amap)
+    else:
+        amap = gaussian_blur(amap, smoothing_sigma(amap.shape[-2]))
     return amap, amap.flatten(1).amax(1)
 
 
@@ -124,6 +179,7 @@ def anomaly_maps(
     *,
     spread: Sequence[torch.Tensor] | None = None,
     recipe: str | None = None,
+    level_scale: torch.Tensor | None = None,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -140,7 +196,7 @@ def anomaly_maps(
         batch_slices(images.shape[0], batch_size), "scoring", enabled=progress
     ):
         latents = model(images[part].to(device))
-        amap, score = score_latents(model, latents, template, spread, recipe)
+        amap, score = score_latents(model, latents, template, spread, recipe, level_scale)
         maps.append(amap.float().cpu())
         scores.append(score.float().cpu())
     return torch.cat(maps), torch.cat(scores)

@@ -6,8 +6,8 @@ folder:
 * ``NAME_map.tiff``: the anomaly map, float32, at the image's own resolution;
 * ``NAME_overlay.png``: the image, tinted with the map's heat colours where the map is
   high (from half the threshold on) and left as it is elsewhere;
-* ``NAME_mask.png``: 0/255 uint8, the map at or above the model's threshold (only when
-  the model has a threshold);
+* ``NAME_mask.png``: 0/255 uint8, the map at or above the model's map threshold
+  (:meth:`~pyramidflow.api.Detector.map_threshold`; only when the model has a threshold);
 
 overlay and mask at most ``overlay_size`` pixels on their longer side (the image's own
 resolution when it is smaller, or with ``overlay_size=None``);
@@ -129,7 +129,7 @@ def _write_outputs(
     item: _Scored,
     small: Any,
     config: Any,
-    threshold: float | None,
+    map_threshold: float | None,
 ) -> dict[str, str]:
     files = {"map": f"{item.name}_map.tiff", "overlay": f"{item.name}_overlay.png", "mask": ""}
     _write_map(out / files["map"], preprocess.map_strips(small, item.shape, config), item.shape)
@@ -138,16 +138,16 @@ def _write_outputs(
         amap = preprocess.restore_map(small, item.shape, config)
     else:
         amap = preprocess.reduced_map(small, item.shape, size, config)
-    low, high = heat_range(amap, threshold)
+    low, high = heat_range(amap, map_threshold)
     picture = to_display(item.display)
-    mask = None if threshold is None else np.empty(amap.shape, np.uint8)
+    mask = None if map_threshold is None else np.empty(amap.shape, np.uint8)
     # colouring and blending take ~50 bytes per pixel: a strip of rows at a time
     rows = max(1, 2**20 // max(1, amap.shape[1]))
     for start in range(0, amap.shape[0], rows):
         part = slice(start, start + rows)
         picture[part] = heat_overlay(picture[part], amap[part], low, high)
         if mask is not None:
-            mask[part] = mask_image(amap[part] >= threshold)
+            mask[part] = mask_image(amap[part] >= map_threshold)
     _write_png(out / files["overlay"], picture)
     del picture
     if mask is not None:
@@ -310,7 +310,7 @@ def _score_batch(
     maps, scores = detector.score_batch(torch.stack(tensors), batch_size=len(tensors))
     del tensors
     for item, small, score in zip(ready, maps, scores, strict=True):
-        files = _write_outputs(out, item, small, config, threshold)
+        files = _write_outputs(out, item, small, config, detector.map_threshold())
         value = float(score)
         decision = ""
         if threshold is not None and math.isfinite(value):

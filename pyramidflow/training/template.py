@@ -1,16 +1,16 @@
-"""The latent template (the mean latent of the good training images) and the spread of
-every latent element over them (for the ``znorm`` and ``relative`` scoring recipes); all
-ranks agree."""
+"""The latent template (the mean latent of the good training images), the spread of
+every latent element over them (for the ``znorm``, ``relative`` and ``fused`` scoring
+recipes) and the mean level maxima (``fused``); all ranks agree."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from ..config import Config
 from ..model.flow import PyramidFlow, level_sizes
-from ..model.scoring import batch_slices, recipe_latents
+from ..model.scoring import batch_slices, level_maxima, recipe_latents
 from ..progress import progress_bar
 from . import distributed
 
@@ -144,3 +144,55 @@ def compute_template_and_spread(
         model, images, squares=True, recipe=recipe, batch_size=batch_size, device=device,
         progress=progress, data_parallel=data_parallel,
     ).template_and_spread(images.dtype)  # fmt: skip
+
+
+@torch.no_grad()
+def sum_level_maxima(
+    model: PyramidFlow,
+    batches: Iterable[torch.Tensor],
+    template: Sequence[torch.Tensor],
+    spread: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 (sum over the images of every level's map maximum (L,), image count (1,))
+    of image batches on the model's device
+    (:func:`~pyramidflow.model.scoring.level_maxima`)."""
+    device = template[0].device
+    total = torch.zeros(len(template), dtype=torch.float64, device=device)
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    for images in batches:
+        _, maxima = level_maxima(model, model(images), template, spread)
+        total += maxima.sum(0, dtype=torch.float64)
+        count += maxima.shape[0]
+    return total, count
+
+
+def compute_level_scale(
+    model: PyramidFlow,
+    images: torch.Tensor,
+    template: Sequence[torch.Tensor],
+    spread: Sequence[torch.Tensor],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    data_parallel: bool | None = None,
+) -> torch.Tensor:
+    """The ``fused`` recipe's level scale (L,): every level's map maximum averaged over the
+    images in float64, in the images' dtype; data-parallel as :func:`compute_template`."""
+    if images.shape[0] == 0:
+        raise ValueError("the level scale needs at least one training image")
+    if data_parallel is None:
+        data_parallel = distributed.is_active()
+    model.to(device).eval()
+    mine = images[distributed.shard(images.shape[0]) if data_parallel else slice(None)]
+    show = progress and (not data_parallel or distributed.rank() == 0)
+    slices = progress_bar(batch_slices(mine.shape[0], batch_size), "levels", enabled=show)
+    total, count = sum_level_maxima(
+        model,
+        (mine[part].to(device) for part in slices),
+        [t.to(device) for t in template],
+        [s.to(device) for s in spread],
+    )
+    if data_parallel:
+        distributed.all_reduce_sum_([total, count])
+    return (total / count).to(images.dtype)
