@@ -100,8 +100,9 @@ def test_every_image_gets_map_overlay_and_mask_at_its_own_size(
     out = tmp_path / "out"
     code, stdout, err = run(["predict", model, inputs, "--out", out, "--no-progress"], capsys)
     assert code == 0, err
-    threshold = Detector.load(model).threshold
-    assert threshold is not None
+    detector = Detector.load(model)
+    threshold, map_threshold = detector.threshold, detector.map_threshold()
+    assert threshold is not None and map_threshold is not None
     for name, (h, w) in SIZES.items():
         amap = tifffile.imread(out / f"{name}_map.tiff")
         assert amap.dtype == np.float32 and amap.shape == (h, w), name
@@ -112,7 +113,7 @@ def test_every_image_gets_map_overlay_and_mask_at_its_own_size(
             assert picture.size == (w, h) and picture.mode == "L"
             mask = np.asarray(picture)
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
-        np.testing.assert_array_equal(mask == 255, amap >= threshold)
+        np.testing.assert_array_equal(mask == 255, amap >= map_threshold)
 
     records = strict_json(out / "scores.json")
     rows = read_csv(out / "scores.csv")
@@ -310,7 +311,7 @@ def test_mvtec_test_folder_is_taken_with_its_subfolders_kept_apart(
     assert [r["map"] for r in rows] == [f"{s}_map.tiff" for s in stems]  # crack_000, good_000
     for row in rows:
         assert all((out / row[c]).is_file() for c in ("map", "overlay", "mask"))
-    threshold = Detector.load(model).threshold
+    threshold = Detector.load(model).map_threshold()
     assert threshold is not None
     good = np.asarray(Image.open(test / "good" / "000.png"))
     amap = tifffile.imread(out / "good_000_map.tiff")
