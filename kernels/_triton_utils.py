@@ -25,7 +25,16 @@ from ._backend import interpreting
 
 NAMESPACE = "pyramidflow"
 
-__all__ = ["NAMESPACE", "acc_dtype", "device_guard", "launch", "register_op", "tile_2d", "tile_1d"]
+__all__ = [
+    "NAMESPACE",
+    "acc_dtype",
+    "device_guard",
+    "launch",
+    "register_op",
+    "tile_1d",
+    "tile_2d",
+    "tile_walk",
+]
 
 
 def device_guard(args: tuple) -> contextlib.AbstractContextManager:
@@ -119,3 +128,20 @@ def tile_1d(n: int, max_block: int = 1024) -> int:
     """Power-of-two block for ``n`` elements, capped at ``max_block`` (x16 when interpreting)."""
     cap = max_block * 16 if interpreting() else max_block
     return min(cap, triton.next_power_of_2(max(n, 1)))
+
+
+def tile_walk(planes: int, rows: int, width: int) -> tuple[int, int, int]:
+    """(PLANES, ROWS, BLOCK_W) for a kernel that walks down ``rows`` rows of ``width``
+    columns of stacked planes with one column per lane: 128 lanes (several planes per tile
+    when they are narrow) and up to 32 rows per program on a GPU; larger tiles under the
+    interpreter, whose cost grows with the number of programs."""
+    if interpreting():
+        lanes, max_rows = 16384, 256
+        block_w = min(lanes, triton.next_power_of_2(max(width, 1)))
+        stacked = min(lanes // block_w, triton.next_power_of_2(max(planes, 1)))
+    else:  # all 128 lanes, even past the last plane: with fewer, Triton spreads a lane's
+        # vector over threads and vector loads turn scalar (bench/gpu_build_check.py)
+        lanes, max_rows = 128, 32
+        block_w = min(lanes, triton.next_power_of_2(max(width, 1)))
+        stacked = lanes // block_w
+    return stacked, min(max_rows, triton.next_power_of_2(max(rows, 1))), block_w
