@@ -131,17 +131,20 @@ def tile_1d(n: int, max_block: int = 1024) -> int:
 
 
 def tile_walk(planes: int, rows: int, width: int) -> tuple[int, int, int]:
-    """(PLANES, ROWS, BLOCK_W) for a kernel that walks down ``rows`` rows of ``width``
-    columns of stacked planes with one column per lane: 128 lanes (several planes per tile
-    when they are narrow) and up to 32 rows per program on a GPU; larger tiles under the
-    interpreter, whose cost grows with the number of programs."""
+    """(SEGMENTS, ROWS, BLOCK_W) for a kernel that walks down segments of ``ROWS`` rows of
+    ``planes`` planes of ``rows`` x ``width``, one column per lane and SEGMENTS segments
+    per tile. On a GPU: 128 lanes (several segments per tile when planes are narrow) and
+    segments of up to 32 rows, equal in length; under the interpreter, whose cost grows
+    with the number of operations a program runs, short segments and large tiles."""
     if interpreting():
-        lanes, max_rows = 16384, 256
-        block_w = min(lanes, triton.next_power_of_2(max(width, 1)))
-        stacked = min(lanes // block_w, triton.next_power_of_2(max(planes, 1)))
-    else:  # all 128 lanes, even past the last plane: with fewer, Triton spreads a lane's
-        # vector over threads and vector loads turn scalar (bench/gpu_build_check.py)
+        lanes, max_rows = 16384, 4
+    else:
         lanes, max_rows = 128, 32
-        block_w = min(lanes, triton.next_power_of_2(max(width, 1)))
-        stacked = lanes // block_w
-    return stacked, min(max_rows, triton.next_power_of_2(max(rows, 1))), block_w
+    segment_rows = triton.cdiv(rows, triton.cdiv(rows, max_rows)) if rows else 1
+    block_w = min(lanes, triton.next_power_of_2(max(width, 1)))
+    segments = lanes // block_w
+    if interpreting():  # all 128 lanes on a GPU, even past the last segment: with fewer,
+        # Triton spreads a lane's vector over threads and the loads turn scalar
+        count = planes * triton.cdiv(rows, segment_rows)
+        segments = min(segments, triton.next_power_of_2(max(count, 1)))
+    return segments, segment_rows, block_w

@@ -62,16 +62,16 @@ MODE_ROUTE = 2
 
 
 @triton.jit
-def _fine_row(src, y, x, q, H, Wo, plane_live, ACC: tl.constexpr):
-    """Fine row y at columns 2q-2 .. 2q+3 of every lane, as three column pairs (left,
-    center, right), each a vector load of two contiguous pixels; zero outside the plane.
-    ``x = 2q + (0, 1)`` along the last axis; ``src`` points at each lane's plane."""
-    row = src + y * (2 * Wo) + x
-    y_lane = y + tl.zeros_like(q)  # a tensor: the interpreter cannot mask with a scalar bool
-    inside = plane_live & (y_lane >= 0) & (y_lane < H)
-    left = tl.load(row - 2, mask=inside & (q >= 1) & (q <= Wo), other=0.0).to(ACC)
-    center = tl.load(row, mask=inside & (q < Wo), other=0.0).to(ACC)
-    right = tl.load(row + 2, mask=inside & (q + 1 < Wo), other=0.0).to(ACC)
+def _fine_row(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC: tl.constexpr):
+    """Fine row y ([S, 1, 1]: one row per segment) at columns 2q-2 .. 2q+3 of every lane,
+    as three column pairs (left, center, right), each a vector load of two contiguous
+    pixels; zero outside the plane. ``x = 2q + (0, 1)`` along the last axis, ``src``
+    points at each segment's plane, the ``*_ok`` masks say which pairs lie in the row."""
+    row = src + y * W + x
+    inside = live & (y >= 0) & (y < H)
+    left = tl.load(row - 2, mask=inside & left_ok, other=0.0).to(ACC)
+    center = tl.load(row, mask=inside & center_ok, other=0.0).to(ACC)
+    right = tl.load(row + 2, mask=inside & right_ok, other=0.0).to(ACC)
     v0, v1 = tl.split(left)
     v2, v3 = tl.split(center)
     v4, v5 = tl.split(right)
@@ -79,18 +79,18 @@ def _fine_row(src, y, x, q, H, Wo, plane_live, ACC: tl.constexpr):
 
 
 @triton.jit
-def _row_blur2(src, y, x, q, H, Wo, plane_live, ACC: tl.constexpr):
+def _row_blur2(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC: tl.constexpr):
     """Unscaled horizontal binomial of fine row y at columns 2q and 2q+1."""
-    v0, v1, v2, v3, v4, v5 = _fine_row(src, y, x, q, H, Wo, plane_live, ACC)
+    v0, v1, v2, v3, v4, v5 = _fine_row(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC)
     even = v0 + 4.0 * v1 + 6.0 * v2 + 4.0 * v3 + v4
     odd = v1 + 4.0 * v2 + 6.0 * v3 + 4.0 * v4 + v5
     return even, odd
 
 
 @triton.jit
-def _row_adjoint(src, y, x, q, H, Wo, plane_live, ACC: tl.constexpr):
+def _row_adjoint(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC: tl.constexpr):
     """Unscaled up-adjoint taps [1, 5, 10, 10, 5, 1] over fine columns 2q-2 .. 2q+3."""
-    v0, v1, v2, v3, v4, v5 = _fine_row(src, y, x, q, H, Wo, plane_live, ACC)
+    v0, v1, v2, v3, v4, v5 = _fine_row(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC)
     return (v0 + v5) + 5.0 * (v1 + v4) + 10.0 * (v2 + v3)
 
 
@@ -128,66 +128,70 @@ def _window_kernel(
     N,
     Ho,
     Wo,
+    ROWS,
     MODE: tl.constexpr,
-    PLANES: tl.constexpr,
-    ROWS: tl.constexpr,
+    SEGMENTS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Coarse (Ho x Wo) output from the 6x6 fine window of each coarse pixel, for a tile
-    of PLANES planes x BLOCK_W coarse columns, walking down ROWS coarse rows; with
+    """Coarse (Ho x Wo) output from the 6x6 fine window of each coarse pixel; with
     ``MODE_ROUTE``, the fine (2Ho x 2Wo) gradient of the max-pool instead: each coarse
     pixel's ``grad`` goes to the fine pixel that ``MODE_BLUR_MAX`` took the max of.
 
-    Each fine row is loaded once per tile (three two-pixel vector loads per lane) and
-    blurred horizontally; the walk keeps the four previous rows' horizontal sums in
-    registers, so the vertical taps and the 2x2 reduction need no reload. Every lane of
-    a tile is at the same coarse row (of its own plane), and the fine sizes are even by
-    construction (H = 2 Ho, W = 2 Wo), which lets the pair loads vectorize."""
+    A plane's coarse rows are cut in segments of ROWS rows; a tile is SEGMENTS segments
+    (of any planes) x BLOCK_W coarse columns, and walks down its segments' rows together.
+    Each fine row is loaded once per segment (three two-pixel vector loads per lane) and
+    blurred horizontally; the last four rows' sums stay in registers for the vertical
+    taps and the 2x2 reduction. The fine sizes are even by construction (H = 2 Ho,
+    W = 2 Wo), which lets the pair loads vectorize."""
     chunks = tl.cdiv(Ho, ROWS)
-    plane = (tl.program_id(0) // chunks).to(tl.int64) * PLANES + tl.arange(0, PLANES)
-    p_start = (tl.program_id(0) % chunks) * ROWS
-    q = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    seg = tl.program_id(0).to(tl.int64) * SEGMENTS + tl.arange(0, SEGMENTS)[:, None]
+    live = seg < N * chunks  # [SEGMENTS, 1]
+    plane = seg // chunks
+    p_start = ((seg % chunks) * ROWS).to(tl.int32)
+    q = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]  # [1, BLOCK_W]
     H = 2 * Ho
     W = 2 * Wo
-    # [PLANES, BLOCK_W] for coarse pixels, [PLANES, BLOCK_W, 2] for fine column pairs
-    plane_live = plane[:, None] < N
-    out_mask = plane_live & (q[None, :] < Wo)
-    plane_live3 = plane_live[:, :, None]
-    q3 = q[None, :, None]
+    # [SEGMENTS, BLOCK_W, 2]: the fine column pairs (2q, 2q + 1) of every lane
+    q3 = q[:, :, None]
     x = 2 * q3 + tl.arange(0, 2)[None, None, :]
-    src = src_ptr + plane[:, None, None] * H * W
-    coarse = plane[:, None] * Ho * Wo + q[None, :]
-    y = 2 * p_start - 2
-    steps = tl.minimum(ROWS, Ho - p_start)
+    live3 = live[:, :, None]
+    left_ok = (q3 >= 1) & (q3 <= Wo)
+    center_ok = q3 < Wo
+    right_ok = q3 + 1 < Wo
+    src = src_ptr + plane[:, :, None] * H * W
+    coarse = plane * Ho * Wo + q  # [SEGMENTS, BLOCK_W] offsets of row 0
+    y = 2 * p_start[:, :, None] - 2
     if MODE == 1:
-        r0 = _row_adjoint(src, y, x, q3, H, Wo, plane_live3, ACC)
-        r1 = _row_adjoint(src, y + 1, x, q3, H, Wo, plane_live3, ACC)
-        r2 = _row_adjoint(src, y + 2, x, q3, H, Wo, plane_live3, ACC)
-        r3 = _row_adjoint(src, y + 3, x, q3, H, Wo, plane_live3, ACC)
-        for step in range(steps):
-            y = 2 * (p_start + step) - 2
-            r4 = _row_adjoint(src, y + 4, x, q3, H, Wo, plane_live3, ACC)
-            r5 = _row_adjoint(src, y + 5, x, q3, H, Wo, plane_live3, ACC)
+        r0 = _row_adjoint(src, y, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        r1 = _row_adjoint(src, y + 1, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        r2 = _row_adjoint(src, y + 2, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        r3 = _row_adjoint(src, y + 3, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        for step in range(ROWS):
+            p = p_start + step
+            y = 2 * p[:, :, None] - 2
+            r4 = _row_adjoint(src, y + 4, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+            r5 = _row_adjoint(src, y + 5, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
             result = ((r0 + r5) + 5.0 * (r1 + r4) + 10.0 * (r2 + r3)) * (1.0 / 256.0)
-            out = dst_ptr + coarse + (p_start + step) * Wo
-            tl.store(out, result.to(dst_ptr.dtype.element_ty), out_mask)
+            out_mask = live & (p < Ho) & (q < Wo)
+            tl.store(dst_ptr + coarse + p * Wo, result.to(dst_ptr.dtype.element_ty), out_mask)
             r0, r1, r2, r3 = r2, r3, r4, r5
     else:
-        e0, o0 = _row_blur2(src, y, x, q3, H, Wo, plane_live3, ACC)
-        e1, o1 = _row_blur2(src, y + 1, x, q3, H, Wo, plane_live3, ACC)
-        e2, o2 = _row_blur2(src, y + 2, x, q3, H, Wo, plane_live3, ACC)
-        e3, o3 = _row_blur2(src, y + 3, x, q3, H, Wo, plane_live3, ACC)
-        for step in range(steps):
+        e0, o0 = _row_blur2(src, y, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        e1, o1 = _row_blur2(src, y + 1, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        e2, o2 = _row_blur2(src, y + 2, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        e3, o3 = _row_blur2(src, y + 3, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        for step in range(ROWS):
             p = p_start + step
-            y = 2 * p - 2
-            e4, o4 = _row_blur2(src, y + 4, x, q3, H, Wo, plane_live3, ACC)
-            e5, o5 = _row_blur2(src, y + 5, x, q3, H, Wo, plane_live3, ACC)
+            y = 2 * p[:, :, None] - 2
+            e4, o4 = _row_blur2(src, y + 4, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+            e5, o5 = _row_blur2(src, y + 5, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
             top_left = e0 + 4.0 * e1 + 6.0 * e2 + 4.0 * e3 + e4
             top_right = o0 + 4.0 * o1 + 6.0 * o2 + 4.0 * o3 + o4
             bottom_left = e1 + 4.0 * e2 + 6.0 * e3 + 4.0 * e4 + e5
             bottom_right = o1 + 4.0 * o2 + 6.0 * o3 + 4.0 * o4 + o5
             result, index = _max_pool_2x2(top_left, top_right, bottom_left, bottom_right)
+            out_mask = live & (p < Ho) & (q < Wo)
             if MODE == 0:
                 result = result * (1.0 / 256.0)
                 out = dst_ptr + coarse + p * Wo
@@ -197,7 +201,7 @@ def _window_kernel(
                 zero = tl.zeros(g.shape, dtype=g.dtype)
                 top = tl.join(tl.where(index == 0, g, zero), tl.where(index == 1, g, zero))
                 bottom = tl.join(tl.where(index == 2, g, zero), tl.where(index == 3, g, zero))
-                fine = dst_ptr + plane[:, None, None] * H * W + (2 * p) * W + x
+                fine = dst_ptr + plane[:, :, None] * H * W + (y + 2) * W + x
                 tl.store(fine, top, out_mask[:, :, None])
                 tl.store(fine + W, bottom, out_mask[:, :, None])
             e0, e1, e2, e3 = e2, e3, e4, e5
@@ -294,11 +298,9 @@ def window_launch(src: torch.Tensor, mode: int, grad: torch.Tensor | None = None
         out = src.new_empty(coarse_shape)
     if n == 0:
         return out
-    planes, rows, block_w = tile_walk(n, height // 2, width // 2)
-    grid = (
-        triton.cdiv(n, planes) * triton.cdiv(height // 2, rows),
-        triton.cdiv(width // 2, block_w),
-    )
+    segments, rows, block_w = tile_walk(n, height // 2, width // 2)
+    chunks = triton.cdiv(height // 2, rows)
+    grid = (triton.cdiv(n * chunks, segments), triton.cdiv(width // 2, block_w))
     launch(
         _window_kernel,
         grid,
@@ -308,9 +310,9 @@ def window_launch(src: torch.Tensor, mode: int, grad: torch.Tensor | None = None
         n,
         height // 2,
         width // 2,
+        rows,
         MODE=mode,
-        PLANES=planes,
-        ROWS=rows,
+        SEGMENTS=segments,
         BLOCK_W=block_w,
         ACC=acc_dtype(src.dtype),
     )
