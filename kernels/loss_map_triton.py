@@ -80,28 +80,29 @@ def _pair_sq_diff_kernel(
     block_j = tl.program_id(1) % blocks
     if block_j < block_i:
         return
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    img_i = block_i * BLOCK_B + tl.arange(0, BLOCK_B)
-    img_j = block_j * BLOCK_B + tl.arange(0, BLOCK_B)
-    live = pix[None, :] < HW
-    rows_i = z_ptr + img_i[:, None].to(tl.int64) * C * HW + pix[None, :]
-    rows_j = z_ptr + img_j[:, None].to(tl.int64) * C * HW + pix[None, :]
-    mask_i = (img_i[:, None] < B) & live
-    mask_j = (img_j[:, None] < B) & live
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+    i = block_i * BLOCK_B + tl.arange(0, BLOCK_B)[:, None, None]
+    j = block_j * BLOCK_B + tl.arange(0, BLOCK_B)[None, :, None]
+    live = pix < HW
+    # [BLOCK_B, 1, BLOCK] and [1, BLOCK_B, BLOCK] loads: each thread reads the pixels of
+    # its slice of the pair tile itself (from the cache), rather than a shared-memory
+    # exchange of one [BLOCK_B, BLOCK] load
+    rows_i = z_ptr + i.to(tl.int64) * C * HW + pix
+    rows_j = z_ptr + j.to(tl.int64) * C * HW + pix
+    mask_i = (i < B) & live
+    mask_j = (j < B) & live
     acc = tl.zeros((BLOCK_B, BLOCK_B, BLOCK), dtype=ACC)
     for _ in range(C):
         v_i = tl.load(rows_i, mask=mask_i, other=0.0).to(ACC)
         v_j = tl.load(rows_j, mask=mask_j, other=0.0).to(ACC)
-        diff = v_i[:, None, :] - v_j[None, :, :]
+        diff = v_i - v_j
         acc += diff * diff
         rows_i += HW
         rows_j += HW
-    i = img_i[:, None, None]
-    j = img_j[None, :, None]
     pair = _pair_index(i, j, B).to(tl.int64)
-    mask = (i < j) & (j < B) & (pix[None, None, :] < HW)
+    mask = (i < j) & (j < B) & live
     out = (acc / C).to(d_ptr.dtype.element_ty)
-    tl.store(d_ptr + pair * HW + pix[None, None, :], out, mask=mask)
+    tl.store(d_ptr + pair * HW + pix, out, mask=mask)
 
 
 @triton.jit
@@ -124,14 +125,17 @@ def _pair_sq_diff_grad_kernel(
     live = pix[None, :] < HW
     mask_i = (img_i[:, None] < B) & live
     start_i = img_i[:, None].to(tl.int64) * C * HW + pix[None, :]
-    i = img_i[:, None, None]
+    # [partner j, image i, pixel]: the sums over partners stay in each thread's registers
+    # (with the partners on axis 1, Triton spread them over warps: a shared-memory
+    # reduction, ~70 bar.sync, per channel; bench/gpu_build_check.py)
+    i = img_i[None, :, None]
     for block_j in range(0, tl.cdiv(B, BLOCK_B)):
         img_j = block_j * BLOCK_B + tl.arange(0, BLOCK_B)
-        j = img_j[None, :, None]
+        j = img_j[:, None, None]
         pair = _pair_index(tl.minimum(i, j), tl.maximum(i, j), B).to(tl.int64)
         gmask = (i != j) & (i < B) & (j < B) & (pix[None, None, :] < HW)
         g = tl.load(gd_ptr + pair * HW + pix[None, None, :], mask=gmask, other=0.0).to(ACC)
-        row_sum = tl.sum(g, axis=1)
+        row_sum = tl.sum(g, axis=0)
         rows_i = z_ptr + start_i
         rows_j = z_ptr + img_j[:, None].to(tl.int64) * C * HW + pix[None, :]
         mask_j = (img_j[:, None] < B) & live
@@ -139,7 +143,7 @@ def _pair_sq_diff_grad_kernel(
         for _ in range(C):
             v_i = tl.load(rows_i, mask=mask_i, other=0.0).to(ACC)
             v_j = tl.load(rows_j, mask=mask_j, other=0.0).to(ACC)
-            mixed = tl.sum(g * v_j[None, :, :], axis=1)
+            mixed = tl.sum(g * v_j[:, None, :], axis=0)
             grad = 2.0 * (v_i * row_sum - mixed) / C
             # blocks after the first add to what this lane stored for the earlier ones
             grad += tl.load(out, mask=mask_i & (block_j > 0), other=0.0).to(ACC)
