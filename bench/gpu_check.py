@@ -1,29 +1,34 @@
-"""One prepared GPU check: correctness on CUDA, copy bandwidth, op benchmarks, training.
+"""One prepared GPU check: correctness on CUDA first, then bandwidth, op benchmarks, training.
 
 Sections, in priority order, each guarded (an error is recorded, the run goes on) and
 each skipped, with a note, once the time budget (``--budget-s``, default 420 s: the
 whole check must fit in 8 minutes on one H200) is spent:
 
 1. the device: name (``torch.cuda.get_device_name``), capability, versions;
-2. copy bandwidth: ``clone`` of a 1 GiB float32 tensor, CUDA events, median;
+2. the op tests on the device, first (a run cut short still says whether the kernels
+   compute the right thing): the test suite's ``tests/test_triton_*.py`` (every Triton
+   op forward and backward against the float64 torch reference, a whole training step)
+   run by pytest with ``--device cuda`` (compiled kernels); one row per test case. The
+   CPU dry run runs the pyramid tests only, in the interpreter. They may use up to 60 %
+   of the budget left, so that the benchmarks keep some time;
+3. copy bandwidth: ``clone`` of a 1 GiB float32 tensor, CUDA events, median;
    bytes moved = 2 x 1 GiB (read + write);
-3. op benchmarks at 1024 x 1024, C = 16, B = 2, L = 4, float32, torch vs Triton
+4. op benchmarks at 1024 x 1024, C = 16, B = 2, L = 4, float32, torch vs Triton
    backend, forward and backward (median of CUDA-event timings): bytes from
    ``bench/byte_model.py``, GB/s, % of the copy bandwidth and % of the byte floor; the
    Triton results are compared with the torch ones on the same inputs (relative RMS);
-4. training steps (``pyramidflow.PyramidFlow``, Adam, ``loss = model.loss(model(x))``,
+5. training steps (``pyramidflow.PyramidFlow``, Adam, ``loss = model.loss(model(x))``,
    backward, step, B = 2) at 256, 1024 and 2048 px, backend torch vs Triton, memory
    ``recompute`` vs ``store``: median step time and ``torch.cuda.max_memory_allocated``;
    an out-of-memory is caught and recorded (``status: "oom"``);
-5. peak memory against resolution: one training step (B = 2, S = 4, backend auto,
+6. peak memory against resolution: one training step (B = 2, S = 4, backend auto,
    recompute) at 1024, 2048 and 4096 px with the row-band tiling on (automatic budget,
    ``pyramidflow.model.tiling``) and, at 1024 and 2048 px, off (``memory_budget = 0``):
    ``torch.cuda.max_memory_allocated`` above the memory before the step, the budget and
-   the tiled blocks (an out-of-memory is recorded as ``status: "oom"``);
-6. the op tests on the device: the test suite's ``tests/test_triton_*.py`` (every Triton
-   op forward and backward against the float64 torch reference, a whole training step)
-   run by pytest with ``--device cuda`` (compiled kernels); one row per test case. The
-   CPU dry run runs the pyramid tests only, in the interpreter.
+   the tiled blocks (an out-of-memory is recorded as ``status: "oom"``).
+
+The JSON is rewritten after every section, so a run killed by a timeout keeps what it
+measured.
 
 ``--device cpu --tiny`` runs every code path with tiny shapes under Triton's interpreter
 (``TRITON_INTERPRET=1`` is set before Triton is imported) in well under a minute: that is
@@ -533,7 +538,7 @@ def op_tests(settings: Settings, report: dict[str, Any], budget: Budget) -> None
             sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
             "--device", "cuda" if on_cuda else "cpu", f"--junitxml={junit}", *files,
         ]  # fmt: skip
-        timeout = max(budget.left(), 60.0)
+        timeout = max(0.6 * budget.left(), 60.0)  # the benchmarks after it keep some time
         try:
             done = subprocess.run(
                 command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -627,8 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget")
     parser.add_argument("--out", type=Path, help="JSON path (default: $OUT or bench/results)")
     parser.add_argument(
-        "--sections", default="copy,ops,training,resolution,correctness",
-        help="comma-separated subset of copy,ops,training,resolution,correctness",
+        "--sections", default="correctness,copy,ops,training,resolution",
+        help="comma-separated subset of correctness,copy,ops,training,resolution (run in "
+        "this order whatever the order given)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     device = args.device
@@ -666,6 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     guarded(report, "device", lambda: report.update(device=device_info(settings)))
     print(f"device: {report['device'].get('name')}", flush=True)
     save()
+    if "correctness" in sections:  # first: a run cut short still says whether ops are right
+        guarded(report, "correctness", lambda: op_tests(settings, report, budget))
+        save()
     if "copy" in sections:
         guarded(report, "copy", lambda: report.update(copy=copy_bandwidth(settings)))
         save()
@@ -678,8 +687,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "resolution" in sections:
         guarded(report, "resolution", lambda: resolution_memory(settings, report, budget))
         save()
-    if "correctness" in sections:
-        guarded(report, "correctness", lambda: op_tests(settings, report, budget))
     save()
     print(summary_table(report))
     print(f"JSON: {out}")

@@ -25,7 +25,16 @@ from ._backend import interpreting
 
 NAMESPACE = "pyramidflow"
 
-__all__ = ["NAMESPACE", "acc_dtype", "device_guard", "launch", "register_op", "tile_2d", "tile_1d"]
+__all__ = [
+    "NAMESPACE",
+    "acc_dtype",
+    "device_guard",
+    "launch",
+    "register_op",
+    "tile_1d",
+    "tile_2d",
+    "tile_walk",
+]
 
 
 def device_guard(args: tuple) -> contextlib.AbstractContextManager:
@@ -119,3 +128,23 @@ def tile_1d(n: int, max_block: int = 1024) -> int:
     """Power-of-two block for ``n`` elements, capped at ``max_block`` (x16 when interpreting)."""
     cap = max_block * 16 if interpreting() else max_block
     return min(cap, triton.next_power_of_2(max(n, 1)))
+
+
+def tile_walk(planes: int, rows: int, width: int) -> tuple[int, int, int]:
+    """(SEGMENTS, ROWS, BLOCK_W) for a kernel that walks down segments of ``ROWS`` rows of
+    ``planes`` planes of ``rows`` x ``width``, one column per lane and SEGMENTS segments
+    per tile. On a GPU: 128 lanes (several segments per tile when planes are narrow) and
+    segments of up to 32 rows, equal in length; under the interpreter, whose cost grows
+    with the number of operations a program runs, short segments and large tiles."""
+    if interpreting():
+        lanes, max_rows = 16384, 4
+    else:
+        lanes, max_rows = 128, 32
+    segment_rows = triton.cdiv(rows, triton.cdiv(rows, max_rows)) if rows else 1
+    block_w = min(lanes, triton.next_power_of_2(max(width, 1)))
+    segments = lanes // block_w
+    if interpreting():  # all 128 lanes on a GPU, even past the last segment: with fewer,
+        # Triton spreads a lane's vector over threads and the loads turn scalar
+        count = planes * triton.cdiv(rows, segment_rows)
+        segments = min(segments, triton.next_power_of_2(max(count, 1)))
+    return segments, segment_rows, block_w

@@ -403,6 +403,8 @@ class _Geometry:
         # keeps more tiles live (u, z rows, grad u and both reductions): half
         self.chunk = min(self.cp, _CHUNK if size <= 4 else _CHUNK // 4)
         self.chunk_inv_bwd = max(1, self.chunk // 2)
+        # the forward's backward in float64: 2 rows (4 spilled 8 B at k = 2 on sm_90)
+        self.chunk_bwd = self.chunk if size <= 4 else self.chunk_inv_bwd
         self.block_chunk = _lane_block(self.chunk, self.hw, size, _CHUNK_BUDGET)
         self.tiles_chunk = triton.cdiv(self.hw, self.block_chunk)
         self.block_param = _block(self.cp, self.hwp, _TILE_ELEMENTS * 4 // size)
@@ -554,7 +556,7 @@ def _backward_impl(
         _coupling_bwd_kernel, (geo.tiles_chunk, geo.batch),
         x, h, weight, mean, grad_z, grad_x, grad_h, wpart, gpart,
         geo.channels, geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_chunk, clamp,
-        CP=geo.chunk, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
+        CP=geo.chunk_bwd, CVN=cvn, KH=geo.kh, KW=geo.kw, GAIN=SOFT_CLAMP_GAIN,
         FINAL=not training, ACC=acc_dtype(x.dtype), BLOCK_P=geo.block_chunk,
     )  # fmt: skip
     if training:

@@ -5,9 +5,10 @@ reduced before composing (compose is linear), so every pyramid runs on one chann
 
 Fourier loss, per call:
 
-- ``_pair_sq_diff_kernel`` (per level): one program per pixel block loads all B images
-  of each channel once and accumulates ``(z_i - z_j)^2 / C`` for every pair i < j,
-  writing one channel per pair, (P, 1, h, w);
+- ``_pair_sq_diff_kernel`` (per level): one program per pixel block and pair of image
+  blocks I <= J (up to 8 images each) loads both blocks' images of each channel once and
+  accumulates ``(z_i - z_j)^2 / C`` for their pairs i < j, writing one channel per pair,
+  (P, 1, h, w);
 - the Triton pyramid compose (:mod:`pyramid_triton`) to the (P, H, W) map D;
 - ``torch.fft.rfft2`` (cuFFT; no FFT in Triton);
 - ``_spectrum_abs_kernel``: per-program partial sums of ``w_col * |F|`` (w = 1 for the
@@ -19,8 +20,9 @@ Backward: ``_spectrum_abs_grad_kernel`` writes ``g * w_col / (P H W) * F / |F|``
 where Z is that half spectrum with its self-conjugate columns (0 and, for even W, W/2)
 replaced by ``Y[k] + conj(Y[-k])`` (derivation at :func:`rfft2_adjoint`); then the
 adjoint compose (Triton); then ``_pair_sq_diff_grad_kernel`` scatters
-``2 (z_i - z_j) / C * dD`` to both images of every pair, each program summing over all
-pairs of its pixels (no atomics).
+``2 (z_i - z_j) / C * dD`` to both images of every pair: one program per pixel block and
+image block sums over the pairs of its images, one block of partners at a time, adding
+into its own gradient rows (no atomics).
 
 Anomaly map: ``_abs_diff_mean_kernel`` (per level, ``mean_c |z - T|``; up to 16 images per
 program share each template read), the compose, and
@@ -45,7 +47,8 @@ from .pyramid_triton import pyramid_compose, up_launch
 
 __all__ = ["anomaly_map", "fourier_loss", "rfft2_adjoint"]
 
-_PAIR_TILE = 4096  # B_pad * B_pad * pixels held by one pair program
+_PAIR_IMAGES = 8  # images per pair block: B_pad <= 8 keeps a block pair in registers
+_PAIR_TILE = 4096  # block images^2 * pixels held by one pair program
 _ABS_DIFF_IMAGES = 16  # images per anomaly-map program: the template is read B / 16 times
 _ABS_DIFF_TILE = 4096  # images x pixels held by one anomaly-map program
 
@@ -69,22 +72,37 @@ def _pair_sq_diff_kernel(
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """d[pair(i, j), pix] = mean_c (z[i, c, pix] - z[j, c, pix])^2 for all i < j."""
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    img = tl.arange(0, BLOCK_B)
-    load_mask = (img[:, None] < B) & (pix[None, :] < HW)
-    rows = img[:, None].to(tl.int64) * C
+    """d[pair(i, j), pix] = mean_c (z[i, c, pix] - z[j, c, pix])^2 for the pairs i < j with
+    i in image block I and j in image block J, where ``program_id(1) = I * blocks + J``;
+    programs with J < I hold no pair and return at once."""
+    blocks = tl.cdiv(B, BLOCK_B)
+    block_i = tl.program_id(1) // blocks
+    block_j = tl.program_id(1) % blocks
+    if block_j < block_i:
+        return
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)[None, None, :]
+    i = block_i * BLOCK_B + tl.arange(0, BLOCK_B)[:, None, None]
+    j = block_j * BLOCK_B + tl.arange(0, BLOCK_B)[None, :, None]
+    live = pix < HW
+    # [BLOCK_B, 1, BLOCK] and [1, BLOCK_B, BLOCK] loads: each thread reads the pixels of
+    # its slice of the pair tile itself (from the cache), rather than a shared-memory
+    # exchange of one [BLOCK_B, BLOCK] load
+    rows_i = z_ptr + i.to(tl.int64) * C * HW + pix
+    rows_j = z_ptr + j.to(tl.int64) * C * HW + pix
+    mask_i = (i < B) & live
+    mask_j = (j < B) & live
     acc = tl.zeros((BLOCK_B, BLOCK_B, BLOCK), dtype=ACC)
-    for c in range(C):
-        v = tl.load(z_ptr + (rows + c) * HW + pix[None, :], mask=load_mask, other=0.0).to(ACC)
-        diff = v[:, None, :] - v[None, :, :]
+    for _ in range(C):
+        v_i = tl.load(rows_i, mask=mask_i, other=0.0).to(ACC)
+        v_j = tl.load(rows_j, mask=mask_j, other=0.0).to(ACC)
+        diff = v_i - v_j
         acc += diff * diff
-    i = img[:, None, None]
-    j = img[None, :, None]
+        rows_i += HW
+        rows_j += HW
     pair = _pair_index(i, j, B).to(tl.int64)
-    mask = (i < j) & (j < B) & (pix[None, None, :] < HW)
+    mask = (i < j) & (j < B) & live
     out = (acc / C).to(d_ptr.dtype.element_ty)
-    tl.store(d_ptr + pair * HW + pix[None, None, :], out, mask=mask)
+    tl.store(d_ptr + pair * HW + pix, out, mask=mask)
 
 
 @triton.jit
@@ -99,23 +117,40 @@ def _pair_sq_diff_grad_kernel(
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """gz[b, c] = 2/C * sum_{o != b} (z[b, c] - z[o, c]) * gd[pair(b, o)] (sum in-program)."""
+    """gz[b, c] = 2/C * sum_{o != b} (z[b, c] - z[o, c]) * gd[pair(b, o)] for the images b of
+    block ``program_id(1)``: a run-time loop over the image blocks of o accumulates into
+    gz in place (each lane re-reads only what it wrote; no atomics)."""
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    img = tl.arange(0, BLOCK_B)
-    i = img[:, None, None]
-    j = img[None, :, None]
-    pair = _pair_index(tl.minimum(i, j), tl.maximum(i, j), B).to(tl.int64)
-    gmask = (i != j) & (i < B) & (j < B) & (pix[None, None, :] < HW)
-    g = tl.load(gd_ptr + pair * HW + pix[None, None, :], mask=gmask, other=0.0).to(ACC)
-    row_sum = tl.sum(g, axis=1)
-    mask = (img[:, None] < B) & (pix[None, :] < HW)
-    rows = img[:, None].to(tl.int64) * C
-    for c in range(C):
-        offs = (rows + c) * HW + pix[None, :]
-        v = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
-        mixed = tl.sum(g * v[None, :, :], axis=1)
-        grad = 2.0 * (v * row_sum - mixed) / C
-        tl.store(gz_ptr + offs, grad.to(gz_ptr.dtype.element_ty), mask=mask)
+    img_i = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = pix[None, :] < HW
+    mask_i = (img_i[:, None] < B) & live
+    start_i = img_i[:, None].to(tl.int64) * C * HW + pix[None, :]
+    # [partner j, image i, pixel]: the sums over partners stay in each thread's registers
+    # (with the partners on axis 1, Triton spread them over warps: a shared-memory
+    # reduction, ~70 bar.sync, per channel; bench/gpu_build_check.py)
+    i = img_i[None, :, None]
+    for block_j in range(0, tl.cdiv(B, BLOCK_B)):
+        img_j = block_j * BLOCK_B + tl.arange(0, BLOCK_B)
+        j = img_j[:, None, None]
+        pair = _pair_index(tl.minimum(i, j), tl.maximum(i, j), B).to(tl.int64)
+        gmask = (i != j) & (i < B) & (j < B) & (pix[None, None, :] < HW)
+        g = tl.load(gd_ptr + pair * HW + pix[None, None, :], mask=gmask, other=0.0).to(ACC)
+        row_sum = tl.sum(g, axis=0)
+        rows_i = z_ptr + start_i
+        rows_j = z_ptr + img_j[:, None].to(tl.int64) * C * HW + pix[None, :]
+        mask_j = (img_j[:, None] < B) & live
+        out = gz_ptr + start_i
+        for _ in range(C):
+            v_i = tl.load(rows_i, mask=mask_i, other=0.0).to(ACC)
+            v_j = tl.load(rows_j, mask=mask_j, other=0.0).to(ACC)
+            mixed = tl.sum(g * v_j[:, None, :], axis=0)
+            grad = 2.0 * (v_i * row_sum - mixed) / C
+            # blocks after the first add to what this lane stored for the earlier ones
+            grad += tl.load(out, mask=mask_i & (block_j > 0), other=0.0).to(ACC)
+            tl.store(out, grad.to(gz_ptr.dtype.element_ty), mask=mask_i)
+            rows_i += HW
+            rows_j += HW
+            out += HW
 
 
 @triton.jit
@@ -211,9 +246,11 @@ def _abs_diff_mean_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
-def _pair_blocks(batch: int, pixels: int) -> tuple[int, int]:
-    block_b = triton.next_power_of_2(batch)
-    return block_b, tile_1d(pixels, max(16, _PAIR_TILE // (block_b * block_b)))
+def _pair_blocks(batch: int, pixels: int) -> tuple[int, int, int]:
+    """(images per block, pixels per program, image blocks) of the pair kernels."""
+    block_b = min(_PAIR_IMAGES, triton.next_power_of_2(batch))
+    block = tile_1d(pixels, max(16, _PAIR_TILE // (block_b * block_b)))
+    return block_b, block, triton.cdiv(batch, block_b)
 
 
 def _check_batch(batch: int) -> None:
@@ -228,10 +265,10 @@ def pair_sq_diff_launch(z: torch.Tensor) -> torch.Tensor:
     _check_batch(batch)
     pixels = height * width
     out = z.new_empty((batch * (batch - 1) // 2, 1, height, width))
-    block_b, block = _pair_blocks(batch, pixels)
+    block_b, block, blocks = _pair_blocks(batch, pixels)
     launch(
         _pair_sq_diff_kernel,
-        (triton.cdiv(pixels, block),),
+        (triton.cdiv(pixels, block), blocks * blocks),
         z,
         out,
         batch,
@@ -251,10 +288,10 @@ def pair_sq_diff_grad_launch(grad: torch.Tensor, z: torch.Tensor) -> torch.Tenso
     batch, channels, height, width = z.shape
     pixels = height * width
     out = torch.empty_like(z)
-    block_b, block = _pair_blocks(batch, pixels)
+    block_b, block, blocks = _pair_blocks(batch, pixels)
     launch(
         _pair_sq_diff_grad_kernel,
-        (triton.cdiv(pixels, block),),
+        (triton.cdiv(pixels, block), blocks),
         z,
         grad,
         out,

@@ -5,8 +5,11 @@ seen as N*C independent planes stacked vertically; every kernel works on a 2D ti
 that stack (a tile may span several small planes), with the zero padding of each plane
 done by masked loads. Two kernels do all the work:
 
-- ``_window_kernel`` (one coarse output pixel per lane) reads the 6x6 fine window
-  rows/cols 2p-2 .. 2p+3 around the 2x2 block of coarse pixel p, and either
+- ``_window_kernel`` (one coarse column per lane, a tile of planes x columns walking down
+  the coarse rows) needs the 6x6 fine window rows/cols 2p-2 .. 2p+3 around the 2x2 block
+  of coarse pixel p. It loads each fine row once per tile, as three two-pixel vector
+  loads per lane (columns 2q-2 .. 2q+3), blurs it horizontally, keeps the last four
+  rows' sums in registers for the vertical taps, and either
   * ``MODE_BLUR_MAX``: blurs the four fine pixels of the block (separable 5x5 binomial,
     zero pad 2) and keeps their max: ``Down(g) = maxpool2x2(G(g))`` in one pass, with
     torch's max-pool rule (first maximum in row-major order; NaN propagates); or
@@ -46,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import acc_dtype, launch, register_op, tile_2d
+from ._triton_utils import acc_dtype, launch, register_op, tile_2d, tile_walk
 from .pyramid_reference import blur, check_pyramid_input
 
 __all__ = ["pyramid_compose", "pyramid_decompose", "up_add", "up_adjoint", "down"]
@@ -59,43 +62,36 @@ MODE_ROUTE = 2
 
 
 @triton.jit
-def _row6(ptr, y, x0, H, W, ACC: tl.constexpr):
-    """Six consecutive pixels x0 .. x0+5 of row y, zero outside the plane."""
-    inside = (y >= 0) & (y < H)
-    row = ptr + y * W
-    v0 = tl.load(row + x0, mask=inside & (x0 >= 0) & (x0 < W), other=0.0).to(ACC)
-    v1 = tl.load(row + x0 + 1, mask=inside & (x0 + 1 >= 0) & (x0 + 1 < W), other=0.0).to(ACC)
-    v2 = tl.load(row + x0 + 2, mask=inside & (x0 + 2 < W), other=0.0).to(ACC)
-    v3 = tl.load(row + x0 + 3, mask=inside & (x0 + 3 < W), other=0.0).to(ACC)
-    v4 = tl.load(row + x0 + 4, mask=inside & (x0 + 4 < W), other=0.0).to(ACC)
-    v5 = tl.load(row + x0 + 5, mask=inside & (x0 + 5 < W), other=0.0).to(ACC)
+def _fine_row(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC: tl.constexpr):
+    """Fine row y ([S, 1, 1]: one row per segment) at columns 2q-2 .. 2q+3 of every lane,
+    as three column pairs (left, center, right), each a vector load of two contiguous
+    pixels; zero outside the plane. ``x = 2q + (0, 1)`` along the last axis, ``src``
+    points at each segment's plane, the ``*_ok`` masks say which pairs lie in the row."""
+    row = src + y * W + x
+    inside = live & (y >= 0) & (y < H)
+    left = tl.load(row - 2, mask=inside & left_ok, other=0.0).to(ACC)
+    center = tl.load(row, mask=inside & center_ok, other=0.0).to(ACC)
+    right = tl.load(row + 2, mask=inside & right_ok, other=0.0).to(ACC)
+    v0, v1 = tl.split(left)
+    v2, v3 = tl.split(center)
+    v4, v5 = tl.split(right)
     return v0, v1, v2, v3, v4, v5
 
 
 @triton.jit
-def _row_blur2(ptr, y, x0, H, W, ACC: tl.constexpr):
-    """Unscaled horizontal binomial at columns x0+2 and x0+3 of row y."""
-    v0, v1, v2, v3, v4, v5 = _row6(ptr, y, x0, H, W, ACC)
+def _row_blur2(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC: tl.constexpr):
+    """Unscaled horizontal binomial of fine row y at columns 2q and 2q+1."""
+    v0, v1, v2, v3, v4, v5 = _fine_row(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC)
     even = v0 + 4.0 * v1 + 6.0 * v2 + 4.0 * v3 + v4
     odd = v1 + 4.0 * v2 + 6.0 * v3 + 4.0 * v4 + v5
     return even, odd
 
 
 @triton.jit
-def _blurred_block(src, y0, x0, H, W, ACC: tl.constexpr):
-    """Unscaled 5x5 binomial blur at the 2x2 block of fine pixels (y0+2 .. y0+3,
-    x0+2 .. x0+3), in row-major order: top-left, top-right, bottom-left, bottom-right."""
-    e0, o0 = _row_blur2(src, y0, x0, H, W, ACC)
-    e1, o1 = _row_blur2(src, y0 + 1, x0, H, W, ACC)
-    e2, o2 = _row_blur2(src, y0 + 2, x0, H, W, ACC)
-    e3, o3 = _row_blur2(src, y0 + 3, x0, H, W, ACC)
-    e4, o4 = _row_blur2(src, y0 + 4, x0, H, W, ACC)
-    e5, o5 = _row_blur2(src, y0 + 5, x0, H, W, ACC)
-    top_left = e0 + 4.0 * e1 + 6.0 * e2 + 4.0 * e3 + e4
-    top_right = o0 + 4.0 * o1 + 6.0 * o2 + 4.0 * o3 + o4
-    bottom_left = e1 + 4.0 * e2 + 6.0 * e3 + 4.0 * e4 + e5
-    bottom_right = o1 + 4.0 * o2 + 6.0 * o3 + 4.0 * o4 + o5
-    return top_left, top_right, bottom_left, bottom_right
+def _row_adjoint(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC: tl.constexpr):
+    """Unscaled up-adjoint taps [1, 5, 10, 10, 5, 1] over fine columns 2q-2 .. 2q+3."""
+    v0, v1, v2, v3, v4, v5 = _fine_row(src, y, x, H, W, live, left_ok, center_ok, right_ok, ACC)
+    return (v0 + v5) + 5.0 * (v1 + v4) + 10.0 * (v2 + v3)
 
 
 @triton.jit
@@ -125,65 +121,91 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _row_adjoint(ptr, y, x0, H, W, ACC: tl.constexpr):
-    """Unscaled up-adjoint taps [1, 5, 10, 10, 5, 1] over columns x0 .. x0+5 of row y."""
-    v0, v1, v2, v3, v4, v5 = _row6(ptr, y, x0, H, W, ACC)
-    return (v0 + v5) + 5.0 * (v1 + v4) + 10.0 * (v2 + v3)
-
-
-@triton.jit
 def _window_kernel(
     src_ptr,
     dst_ptr,
     grad_ptr,
     N,
-    H,
-    W,
     Ho,
     Wo,
+    ROWS,
     MODE: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    SEGMENTS: tl.constexpr,
     BLOCK_W: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """Coarse (Ho x Wo) output from the 6x6 fine window of each coarse pixel; with
-    ``MODE_ROUTE``, the fine (H x W) gradient of the max-pool instead: each coarse
+    ``MODE_ROUTE``, the fine (2Ho x 2Wo) gradient of the max-pool instead: each coarse
     pixel's ``grad`` goes to the fine pixel that ``MODE_BLUR_MAX`` took the max of.
 
-    Planes are stacked vertically: output row P is row P % Ho of plane P // Ho, so one
-    tile may span several small planes; zero padding stays per plane."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    q = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    live = rows < N * Ho
-    out_mask = live & (q < Wo)
-    plane = tl.minimum(rows // Ho, N - 1)  # rows past the end re-read the last plane
-    p = (rows % Ho).to(tl.int32)
-    src = src_ptr + plane * H * W
-    y0 = 2 * p - 2
-    x0 = 2 * q - 2
+    A plane's coarse rows are cut in segments of ROWS rows; a tile is SEGMENTS segments
+    (of any planes) x BLOCK_W coarse columns, and walks down its segments' rows together.
+    Each fine row is loaded once per segment (three two-pixel vector loads per lane) and
+    blurred horizontally; the last four rows' sums stay in registers for the vertical
+    taps and the 2x2 reduction. The fine sizes are even by construction (H = 2 Ho,
+    W = 2 Wo), which lets the pair loads vectorize."""
+    chunks = tl.cdiv(Ho, ROWS)
+    seg = tl.program_id(0).to(tl.int64) * SEGMENTS + tl.arange(0, SEGMENTS)[:, None]
+    live = seg < N * chunks  # [SEGMENTS, 1]
+    plane = seg // chunks
+    p_start = ((seg % chunks) * ROWS).to(tl.int32)
+    q = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]  # [1, BLOCK_W]
+    H = 2 * Ho
+    W = 2 * Wo
+    # [SEGMENTS, BLOCK_W, 2]: the fine column pairs (2q, 2q + 1) of every lane
+    q3 = q[:, :, None]
+    x = 2 * q3 + tl.arange(0, 2)[None, None, :]
+    live3 = live[:, :, None]
+    left_ok = (q3 >= 1) & (q3 <= Wo)
+    center_ok = q3 < Wo
+    right_ok = q3 + 1 < Wo
+    src = src_ptr + plane[:, :, None] * H * W
+    coarse = plane * Ho * Wo + q  # [SEGMENTS, BLOCK_W] offsets of row 0
+    y = 2 * p_start[:, :, None] - 2
     if MODE == 1:
-        r0 = _row_adjoint(src, y0, x0, H, W, ACC)
-        r1 = _row_adjoint(src, y0 + 1, x0, H, W, ACC)
-        r2 = _row_adjoint(src, y0 + 2, x0, H, W, ACC)
-        r3 = _row_adjoint(src, y0 + 3, x0, H, W, ACC)
-        r4 = _row_adjoint(src, y0 + 4, x0, H, W, ACC)
-        r5 = _row_adjoint(src, y0 + 5, x0, H, W, ACC)
-        result = ((r0 + r5) + 5.0 * (r1 + r4) + 10.0 * (r2 + r3)) * (1.0 / 256.0)
-        tl.store(dst_ptr + rows * Wo + q, result.to(dst_ptr.dtype.element_ty), out_mask)
+        r0 = _row_adjoint(src, y, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        r1 = _row_adjoint(src, y + 1, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        r2 = _row_adjoint(src, y + 2, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        r3 = _row_adjoint(src, y + 3, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        for step in range(ROWS):
+            p = p_start + step
+            y = 2 * p[:, :, None] - 2
+            r4 = _row_adjoint(src, y + 4, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+            r5 = _row_adjoint(src, y + 5, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+            result = ((r0 + r5) + 5.0 * (r1 + r4) + 10.0 * (r2 + r3)) * (1.0 / 256.0)
+            out_mask = live & (p < Ho) & (q < Wo)
+            tl.store(dst_ptr + coarse + p * Wo, result.to(dst_ptr.dtype.element_ty), out_mask)
+            r0, r1, r2, r3 = r2, r3, r4, r5
     else:
-        v0, v1, v2, v3 = _blurred_block(src, y0, x0, H, W, ACC)
-        result, index = _max_pool_2x2(v0, v1, v2, v3)
-        if MODE == 0:
-            result = result * (1.0 / 256.0)
-            tl.store(dst_ptr + rows * Wo + q, result.to(dst_ptr.dtype.element_ty), out_mask)
-        else:
-            g = tl.load(grad_ptr + rows * Wo + q, mask=out_mask, other=0.0)
-            fine = dst_ptr + (plane * H + 2 * p) * W + 2 * q
-            zero = tl.zeros(g.shape, dtype=g.dtype)
-            tl.store(fine, tl.where(index == 0, g, zero), out_mask)
-            tl.store(fine + 1, tl.where(index == 1, g, zero), out_mask)
-            tl.store(fine + W, tl.where(index == 2, g, zero), out_mask)
-            tl.store(fine + W + 1, tl.where(index == 3, g, zero), out_mask)
+        e0, o0 = _row_blur2(src, y, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        e1, o1 = _row_blur2(src, y + 1, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        e2, o2 = _row_blur2(src, y + 2, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        e3, o3 = _row_blur2(src, y + 3, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+        for step in range(ROWS):
+            p = p_start + step
+            y = 2 * p[:, :, None] - 2
+            e4, o4 = _row_blur2(src, y + 4, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+            e5, o5 = _row_blur2(src, y + 5, x, H, W, live3, left_ok, center_ok, right_ok, ACC)
+            top_left = e0 + 4.0 * e1 + 6.0 * e2 + 4.0 * e3 + e4
+            top_right = o0 + 4.0 * o1 + 6.0 * o2 + 4.0 * o3 + o4
+            bottom_left = e1 + 4.0 * e2 + 6.0 * e3 + 4.0 * e4 + e5
+            bottom_right = o1 + 4.0 * o2 + 6.0 * o3 + 4.0 * o4 + o5
+            result, index = _max_pool_2x2(top_left, top_right, bottom_left, bottom_right)
+            out_mask = live & (p < Ho) & (q < Wo)
+            if MODE == 0:
+                result = result * (1.0 / 256.0)
+                out = dst_ptr + coarse + p * Wo
+                tl.store(out, result.to(dst_ptr.dtype.element_ty), out_mask)
+            else:
+                g = tl.load(grad_ptr + coarse + p * Wo, mask=out_mask, other=0.0)
+                zero = tl.zeros(g.shape, dtype=g.dtype)
+                top = tl.join(tl.where(index == 0, g, zero), tl.where(index == 1, g, zero))
+                bottom = tl.join(tl.where(index == 2, g, zero), tl.where(index == 3, g, zero))
+                fine = dst_ptr + plane[:, :, None] * H * W + (y + 2) * W + x
+                tl.store(fine, top, out_mask[:, :, None])
+                tl.store(fine + W, bottom, out_mask[:, :, None])
+            e0, e1, e2, e3 = e2, e3, e4, e5
+            o0, o1, o2, o3 = o2, o3, o4, o5
 
 
 @triton.jit
@@ -276,10 +298,9 @@ def window_launch(src: torch.Tensor, mode: int, grad: torch.Tensor | None = None
         out = src.new_empty(coarse_shape)
     if n == 0:
         return out
-    # 8 rows: at 16 x 64 the 6x6 stencil needs more than sm_90's 255 registers and spills
-    # (bench/gpu_build_check.py); 8 x 64 compiles to about 154 registers without spills.
-    block_h, block_w = tile_2d(n * height // 2, width // 2, max_rows=8)
-    grid = (triton.cdiv(n * height // 2, block_h), triton.cdiv(width // 2, block_w))
+    segments, rows, block_w = tile_walk(n, height // 2, width // 2)
+    chunks = triton.cdiv(height // 2, rows)
+    grid = (triton.cdiv(n * chunks, segments), triton.cdiv(width // 2, block_w))
     launch(
         _window_kernel,
         grid,
@@ -287,12 +308,11 @@ def window_launch(src: torch.Tensor, mode: int, grad: torch.Tensor | None = None
         out,
         grad if grad is not None else src,
         n,
-        height,
-        width,
         height // 2,
         width // 2,
+        rows,
         MODE=mode,
-        BLOCK_H=block_h,
+        SEGMENTS=segments,
         BLOCK_W=block_w,
         ACC=acc_dtype(src.dtype),
     )

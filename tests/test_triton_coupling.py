@@ -125,8 +125,8 @@ def test_inverse_matches_reference_and_undoes_forward(
 
 @pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
 def test_float64_kernels_match_reference_to_float64_precision(inverse):
-    """float64 inputs run the kernels in float64, in chunks of 4 channels (2 in the
-    inverse's backward): C = 6 makes a partial last chunk. The soft clamp's arctangent
+    """float64 inputs run the kernels in float64, in chunks of 4 channels (2 in both
+    backwards): C = 6 makes a partial last chunk. The soft clamp's arctangent
     is a single-precision polynomial in both dtypes: ~1e-8 is the float64 path's floor."""
     x, h, weight, running_mean = make_inputs(6, 2, 2, "SVN", seed=5)
     ours = leaves(x, h, weight, dtype=torch.float64)

@@ -76,6 +76,26 @@ def test_fourier_loss_in_float64():
     )
 
 
+# the pair kernels take image blocks of up to 8: B = 9 and 17 end with a partial block
+@pytest.mark.parametrize("batch", [3, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_pair_differences_and_their_gradient_match_torch(batch, dtype):
+    gen = torch.Generator().manual_seed(batch)
+    z = torch.randn(batch, 3, 4, 6, dtype=torch.float64, generator=gen)
+    first, second = loss_map_reference.pair_indices(batch, z.device)
+    exact = z.clone().requires_grad_(True)
+    expected = ((exact[first] - exact[second]) ** 2).mean(dim=1, keepdim=True)
+    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    (expected_grad,) = torch.autograd.grad(expected, exact, upstream)
+    z_ours = z.to(dtype).to(DEVICE)
+    ours = loss_map_triton.pair_sq_diff_launch(z_ours)
+    grad = loss_map_triton.pair_sq_diff_grad_launch(upstream.to(dtype).to(DEVICE), z_ours)
+    tol = TOL if dtype == torch.float32 else 1e-12
+    assert ours.shape == expected.shape and ours.dtype == dtype
+    assert relative_error(ours, expected) <= tol
+    assert relative_error(grad, expected_grad) <= tol
+
+
 def test_identical_images_give_zero_loss_and_finite_zero_gradient():
     first = pyramid(1, 3, 16, 16, 3, seed=4)
     latents = leaves([torch.cat([z, z]) for z in first])
