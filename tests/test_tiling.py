@@ -30,7 +30,8 @@ def band_rows(monkeypatch):
 
     def set_rows(rows: int) -> None:
         monkeypatch.setattr(tiling, "MIN_BAND_ROWS", 1)
-        monkeypatch.setattr(tiling, "bytes_per_target_row", lambda block, levels: (1 << 20) // rows)
+        per_row = (1 << 20) // rows
+        monkeypatch.setattr(tiling, "band_transient_bytes", lambda block, levels, n: n * per_row)
 
     return set_rows
 

@@ -65,23 +65,31 @@ def _sizes(levels: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     return [(t.shape[-2], t.shape[-1]) for t in levels]
 
 
-def bytes_per_target_row(block: CouplingBlock, levels: Sequence[torch.Tensor]) -> int:
-    """Estimated transient bytes per target row of the block's recompute backward: the
-    conditioning and hidden rows with their gradients and saved copies, h with its
-    gradient and the coupling's intermediates, the target rows (x, z, gradients)."""
+def band_transient_bytes(block: CouplingBlock, levels: Sequence[torch.Tensor], rows: int) -> int:
+    """Estimated peak transient of the recompute backward of a band of ``rows`` target rows:
+    twice each of its tensors (the tensor and its gradient or a saved copy), the
+    conditioning rows and hidden rows with their halos, the rows of h and of the target.
+
+    Calibrated by ``bench/band_transient.py``, which measures one band's backward: at
+    1024 and 2048 px this is 0.91 to 1.09 times the measured transient for bands of 32 to
+    128 rows of the up, dual(0) and dual(1) blocks (an earlier count, without the factor
+    2's reasoning, was 2.3 to 2.7 times: bands were half as tall as the budget allowed)."""
     sizes = _sizes(levels)
     target = levels[block.target]
     batch, channels, width = target.shape[0], target.shape[1], target.shape[-1]
     conv_in = block.param_net[0]
+    pad, stride = conv_in.padding[0], block.param_stride
     param_width = sizes[block.start + 1 if block.kind == "dual" else block.start][1]
-    rows_h = block.param_rows_per_target_row(sizes)
-    rows_hidden = rows_h * block.param_stride
-    per_row = (
-        rows_hidden * param_width * (3 * conv_in.in_channels + 4 * conv_in.out_channels)
-        + rows_h * (param_width // block.param_stride) * 6 * conv_in.out_channels
-        + 8 * channels * width
+    rows_h = rows * block.param_rows_per_target_row(sizes)
+    rows_hidden = (rows_h - 1) * stride + 1 + 2 * pad
+    rows_condition = rows_hidden + 2 * pad
+    elements = (
+        rows_condition * param_width * conv_in.in_channels
+        + rows_hidden * param_width * conv_in.out_channels
+        + rows_h * (param_width // stride) * conv_in.out_channels
+        + rows * width * channels
     )
-    return per_row * batch * target.element_size()
+    return 2 * elements * batch * target.element_size()
 
 
 def row_bands(block: CouplingBlock, levels: Sequence[torch.Tensor], budget_mb: int) -> Bands | None:
@@ -92,7 +100,9 @@ def row_bands(block: CouplingBlock, levels: Sequence[torch.Tensor], budget_mb: i
     if any(isinstance(t.shape[i], torch.SymInt) for t in levels for i in range(t.dim())):
         return None  # traced with symbolic sizes (export): a plan would guard on them
     height = levels[block.target].shape[-2]
-    rows = max(MIN_BAND_ROWS, (budget_mb << 20) // bytes_per_target_row(block, levels))
+    fixed = band_transient_bytes(block, levels, 0)  # the halos: the estimate is affine
+    per_row = band_transient_bytes(block, levels, 1) - fixed
+    rows = max(MIN_BAND_ROWS, ((budget_mb << 20) - fixed) // per_row)
     if rows >= height:
         return None
     return [(start, min(start + rows, height)) for start in range(0, height, rows)]
