@@ -27,11 +27,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import pyramidflow_kernels as ops
 import torch
 
 from .layers import CouplingBlock
 
 MAX_AUTOMATIC_BUDGET_MB = 256
+# Finest-level planes (B x H x W) live per channel in the pyramid decomposition beyond its
+# input: the blur's two passes and the upsampled coarser level (bench/memory_phases.py's
+# 'pyramid decompose' phase measures 3.2 at 2048 px, untiled).
+DECOMPOSE_PLANES_PER_CHANNEL = 4
 # Below this many target rows per band the halo recomputation ((k-1)/2 rows per
 # convolution each side) costs more time than the memory is worth.
 MIN_BAND_ROWS = 16
@@ -229,3 +234,36 @@ def backward_block(
     if grad_x is not None:
         owned_grads.add(target)
     return param_grads
+
+
+def decompose_channel_chunk(features: torch.Tensor, budget_mb: int) -> int | None:
+    """Channels per chunk of the pyramid decomposition within the budget, or None to
+    decompose all channels at once (they fit, or no budget)."""
+    if budget_mb <= 0 or any(isinstance(n, torch.SymInt) for n in features.shape):
+        return None
+    batch, channels, height, width = features.shape
+    per_channel = DECOMPOSE_PLANES_PER_CHANNEL * batch * height * width * features.element_size()
+    chunk = max(1, (budget_mb << 20) // per_channel)
+    return None if chunk >= channels else chunk
+
+
+def decompose_in_place(
+    features: torch.Tensor, levels: int, chunk: int, backend: str
+) -> list[torch.Tensor]:
+    """:func:`pyramidflow_kernels.pyramid_decompose` of ``features`` a few channels at a time
+    (every operation of the pyramid acts per channel, so each chunk's bands are the whole
+    decomposition's), the finest band written over ``features`` (which the caller hands
+    over): the transients are one chunk's instead of all channels'."""
+    outputs: list[torch.Tensor] = [features]
+    for c0 in range(0, features.shape[1], chunk):
+        bands = ops.pyramid_decompose(features[:, c0 : c0 + chunk], levels, backend=backend)
+        if c0 == 0:
+            outputs += [
+                torch.empty((features.shape[0], features.shape[1], *band.shape[-2:]),
+                            dtype=band.dtype, device=band.device)
+                for band in bands[1:]
+            ]  # fmt: skip
+        for out, band in zip(outputs, bands, strict=True):
+            out[:, c0 : c0 + chunk] = band
+        del bands
+    return outputs
