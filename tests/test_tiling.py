@@ -152,6 +152,41 @@ def test_latents_held_by_the_caller_survive_a_tiled_backward_and_retained_graph(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_walk_overwrites_the_latents_only_when_nothing_else_holds_them(band_rows, monkeypatch):
+    band_rows(3)
+    model = rect_model()
+    whole, tiled = tiled_and_whole(model)
+    levels_in = rect_levels(model)
+    params = [p for p in tiled.parameters() if p.requires_grad]
+    allocations = []
+    like_band = tiling._like_band
+    monkeypatch.setattr(tiling, "_like_band", lambda *a: allocations.append(1) or like_band(*a))
+    with torch.no_grad():
+        tiled.flow(levels_in)
+    forward_allocations = len(allocations)
+
+    def step(hold: bool) -> tuple[list[torch.Tensor], int]:
+        allocations.clear()
+        latents = tiled.flow(levels_in, memory="recompute")
+        kept = [z.clone() for z in latents] if hold else None
+        loss = objective(latents)
+        if not hold:
+            del latents
+        grads = list(torch.autograd.grad(loss, levels_in + params))
+        if hold:
+            assert all(torch.equal(z, k) for z, k in zip(latents, kept, strict=True))
+        return grads, len(allocations) - forward_allocations
+
+    _, g_whole = step_gradients(whole, levels_in, "recompute")
+    g_free, backward_free = step(hold=False)
+    g_held, backward_held = step(hold=True)
+    assert backward_free == 0  # every band's input and gradient went into the handed-over ones
+    assert backward_held > 0
+    for grads in (g_free, g_held):
+        errors = [relative_error(a, b) for a, b in zip(grads, g_whole, strict=True)]
+        assert max(errors) < FLOAT64_TOL, f"worst gradient relative error {max(errors):.2e}"
+
+
 def test_tiling_is_on_where_it_saves_memory_and_off_where_it_does_not():
     paper = PyramidFlow(Config()).train()  # 256 px
     assert paper.tiling_summary()["budget_mb"] > 0

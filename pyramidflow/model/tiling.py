@@ -113,6 +113,36 @@ def row_bands(block: CouplingBlock, levels: Sequence[torch.Tensor], budget_mb: i
     return [(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
+def _storage_holders(tensor: torch.Tensor) -> int | None:
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    try:
+        return None if use_count is None else use_count(tensor.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError, TypeError):  # no real storage (traced, subclass)
+        return None
+
+
+_ONE_HOLDER = _storage_holders(torch.empty(1))
+
+
+def _without_overlap(tensor: torch.Tensor) -> bool:
+    """No two elements share memory (not an expanded tensor): writable band by band."""
+    span = 1
+    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride < span:
+            return False
+        span += stride * (size - 1)
+    return True
+
+
+def held_only_here(tensor: torch.Tensor) -> bool:
+    """Whether no other tensor (a view, a saved copy, the caller's latents) shares
+    ``tensor``'s memory and no two of its elements do, so that the walk may overwrite it.
+    Reads torch's storage use count (a private function: where it is missing, answers
+    False and nothing is overwritten)."""
+    holders = _storage_holders(tensor)
+    return holders is not None and holders == _ONE_HOLDER and _without_overlap(tensor)
+
+
 def _like_band(band: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """An empty tensor of ``full``'s shape with the memory layout of ``band`` (the op's
     output layout for the whole image): later ops then sum in the untiled order."""
