@@ -87,11 +87,16 @@ def _status_mb(key: str) -> float:
     raise KeyError(key)
 
 
-def worker(size: int, batch: int, stacks: int, device: str, budget: int | None) -> dict[str, Any]:
+def worker(
+    size: int, batch: int, stacks: int, device: str, budget: int | None, threads: int | None
+) -> dict[str, Any]:
     """Profile one training step in this (fresh) process."""
     import pyramidflow_kernels as ops
     import torch
     from memory_depth import build
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     model, images, optimizer = build(size, stacks, device, batch=batch)
     model.config.memory = "recompute"
@@ -119,7 +124,8 @@ def worker(size: int, batch: int, stacks: int, device: str, budget: int | None) 
     peak = max(meter.rows, key=lambda row: row["peak_mb"])
     return {
         "size": size, "batch": batch, "stacks": stacks, "memory_budget": budget,
-        "tiling": model.tiling_summary(), "phases": meter.rows,
+        "threads": torch.get_num_threads(), "tiling": model.tiling_summary(),
+        "phases": meter.rows,
         "step_peak_mb": peak["peak_mb"], "peak_phase": peak["phase"],
         "pyramid_mb": sum(4 * batch * 16 * (size >> i) ** 2 for i in range(4)) / 2**20,
     }  # fmt: skip
@@ -147,6 +153,8 @@ def run_worker(size: int, args: argparse.Namespace, budget: int | None) -> dict[
     ]  # fmt: skip
     if budget is not None:
         command += ["--memory-budget", str(budget)]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
     env = dict(os.environ)
     if args.malloc == "mmap":
         env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
@@ -206,11 +214,18 @@ def main(argv: list[str] | None = None) -> None:
         help="mmap: MALLOC_MMAP_THRESHOLD_=131072, RSS follows what is live (default); "
         "default: glibc's own allocator, as bench/memory_depth.py's peak_mb",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads per worker (default: torch's; 1 is far faster on a machine "
+        "shared with other jobs, and memory does not depend on it)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = worker(args.sizes[0], args.batch, args.stacks, args.device, args.memory_budget)
+        result = worker(
+            args.sizes[0], args.batch, args.stacks, args.device, args.memory_budget, args.threads
+        )
         print(json.dumps(result))
         return
     tag = "cuda" if args.device.startswith("cuda") else "cpu"

@@ -154,7 +154,7 @@ def test_latents_held_by_the_caller_survive_a_tiled_backward_and_retained_graph(
 
 def test_walk_overwrites_the_latents_only_when_nothing_else_holds_them(band_rows, monkeypatch):
     band_rows(3)
-    model = rect_model()
+    model = rect_model(stacks=1)
     whole, tiled = tiled_and_whole(model)
     levels_in = rect_levels(model)
     params = [p for p in tiled.parameters() if p.requires_grad]

@@ -33,10 +33,11 @@ import torch
 from .layers import CouplingBlock
 
 MAX_AUTOMATIC_BUDGET_MB = 256
-# Finest-level planes (B x H x W) live per channel in the pyramid decomposition beyond its
-# input: the blur's two passes and the upsampled coarser level (bench/memory_phases.py's
-# 'pyramid decompose' phase measures 3.2 at 2048 px, untiled).
-DECOMPOSE_PLANES_PER_CHANNEL = 4
+# Finest-level planes (B x H x W) live per channel of a chunk in the pyramid decomposition
+# beyond its input and outputs: the blur's passes, the pixel-replicated coarser level and
+# its blur (bench/memory_phases.py's 'pyramid decompose' phase: 8.2 at 2048 px in chunks
+# of 2 channels).
+DECOMPOSE_PLANES_PER_CHANNEL = 8
 # Below this many target rows per band the halo recomputation ((k-1)/2 rows per
 # convolution each side) costs more time than the memory is worth.
 MIN_BAND_ROWS = 16
