@@ -6,6 +6,7 @@ mean_c(Compose(d)) = Compose(mean_c(d)) and the pyramid runs on one channel.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -13,10 +14,16 @@ import torch
 from .pyramid_reference import compose
 
 
-def pair_indices(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (i, j) of every pair i < j in a batch, in row-major order."""
+def pair_list(batch: int) -> list[tuple[int, int]]:
+    """Every pair i < j in a batch, in row-major order (a Python list: no device read)."""
     if batch < 2:
         raise ValueError(f"the Siamese loss needs a batch of at least 2 images, got {batch}")
+    return list(itertools.combinations(range(batch), 2))
+
+
+def pair_indices(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (i, j) of every pair i < j in a batch, in row-major order."""
+    pair_list(batch)
     pairs = torch.triu_indices(batch, batch, offset=1, device=device)
     return pairs[0], pairs[1]
 
@@ -58,11 +65,11 @@ def fourier_loss(latents: Sequence[torch.Tensor]) -> torch.Tensor:
 def _pair_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """mean_c (z_i - z_j)^2 per pair and level, (P, 1, h, w), one image's difference at a
     time (autograd's version holds z[first], z[second] and their difference per level)."""
-    first, second = pair_indices(latents[0].shape[0], latents[0].device)
+    pairs = pair_list(latents[0].shape[0])
     reduced = []
     for z in latents:
-        maps = z.new_empty(first.numel(), 1, *z.shape[-2:])
-        for pair, (i, j) in enumerate(zip(first.tolist(), second.tolist(), strict=True)):
+        maps = z.new_empty(len(pairs), 1, *z.shape[-2:])
+        for pair, (i, j) in enumerate(pairs):
             difference = torch.sub(z[i], z[j])
             torch.mean(difference.square_(), dim=0, keepdim=True, out=maps[pair])
         reduced.append(maps)
@@ -98,9 +105,8 @@ class _LeanFourierLoss(torch.autograd.Function):
         del ctx.maps
         sizes = [tuple(z.shape[-2:]) for z in latents]
         level_grads = _compose_adjoint(grad_maps[:, None], sizes)
-        first, second = pair_indices(latents[0].shape[0], latents[0].device)
         partners: dict[int, list[tuple[int, int]]] = {}
-        for pair, (i, j) in enumerate(zip(first.tolist(), second.tolist(), strict=True)):
+        for pair, (i, j) in enumerate(pair_list(latents[0].shape[0])):
             partners.setdefault(i, []).append((j, pair))
             partners.setdefault(j, []).append((i, pair))
         grads = []

@@ -19,7 +19,17 @@ dynamic batch); those blocks run whole, as before.
 
 Budget: ``Config.memory_budget`` MiB per band (0: never tile; None: automatic,
 :func:`automatic_budget_mb`). A block is tiled only when its estimated whole-image
-transient exceeds the budget, so small images run exactly the untiled code.
+transient (:func:`band_transient_bytes`, measured by ``bench/band_transient.py``) exceeds
+the budget, so small images run exactly the untiled code.
+
+The walk writes a band's reconstructed input and its gradient over the same rows of the
+block's output and output gradient when it may (:func:`held_only_here`: buffers it
+allocated, or latents and gradients it was handed that nothing else shares), so the
+step's floor is one latent pyramid and one gradient pyramid plus one band.
+
+The same budget cuts the pyramid decomposition into channel chunks
+(:func:`decompose_in_place`): all of its operations act per channel, so this is exact
+without any halo, and the finest band is written over the projected features.
 """
 
 from __future__ import annotations
