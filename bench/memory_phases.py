@@ -15,7 +15,8 @@ counter VmHWM is reset through /proc/self/clear_refs at the start of every phase
 step's overall peak is the largest phase peak; the phase holding it is named.
 
 Run: ``python bench/memory_phases.py --sizes 1024 2048`` (writes
-``results/memory_phases_<device>.json``).
+``results/memory_phases_<device>.json`` and the markdown table ``.md``; ``--merge`` adds to
+an existing file, which then lists every invocation its runs came from).
 """
 
 from __future__ import annotations
@@ -220,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         "shared with other jobs, and memory does not depend on it)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="add these runs to the existing results file (replacing the same size and "
+        "setting) instead of overwriting it; the file lists the invocations it holds",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -229,15 +235,24 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     tag = "cuda" if args.device.startswith("cuda") else "cpu"
+    invocation = " ".join(["python", "bench/memory_phases.py", *(argv or sys.argv[1:])])
     runs = []
     for size in args.sizes:
-        runs.append(run_worker(size, args, args.memory_budget))
+        runs.append({**run_worker(size, args, args.memory_budget), "invocation": invocation})
         if size <= args.untiled_up_to and args.memory_budget != 0:
-            runs.append(run_worker(size, args, 0))
+            runs.append({**run_worker(size, args, 0), "invocation": invocation})
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"memory_phases_{tag}"
     meta = {**run_metadata(args.device), "malloc": args.malloc}
-    (args.out / f"{name}.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
+    if args.merge and (args.out / f"{name}.json").exists():
+        # keep the earlier runs of other settings; each run names the command that made it
+        fresh = {(run["size"], run["memory_budget"] == 0) for run in runs}
+        earlier = json.loads((args.out / f"{name}.json").read_text())["runs"]
+        runs = [r for r in earlier if (r["size"], r["memory_budget"] == 0) not in fresh] + runs
+        runs.sort(key=lambda run: (run["size"], run["memory_budget"] == 0))
+    invocations = sorted({run.get("invocation", "unrecorded") for run in runs})
+    report = {**meta, "invocations": invocations, "runs": runs}
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(runs)
     (args.out / f"{name}.md").write_text(table)
     print(table)
