@@ -138,7 +138,9 @@ _ONE_HOLDER = _storage_holders(torch.empty(1))
 def _without_overlap(tensor: torch.Tensor) -> bool:
     """No two elements share memory (not an expanded tensor): writable band by band."""
     span = 1
-    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape) if n > 1):
+    for stride, size in sorted(
+        (st, n) for st, n in zip(tensor.stride(), tensor.shape, strict=True) if n > 1
+    ):
         if stride < span:
             return False
         span += stride * (size - 1)
