@@ -15,7 +15,8 @@ counter VmHWM is reset through /proc/self/clear_refs at the start of every phase
 step's overall peak is the largest phase peak; the phase holding it is named.
 
 Run: ``python bench/memory_phases.py --sizes 1024 2048`` (writes
-``results/memory_phases_<device>.json``).
+``results/memory_phases_<device>.json`` and the markdown table ``.md``; ``--merge`` adds to
+an existing file, which then lists every invocation its runs came from).
 """
 
 from __future__ import annotations
@@ -87,11 +88,16 @@ def _status_mb(key: str) -> float:
     raise KeyError(key)
 
 
-def worker(size: int, batch: int, stacks: int, device: str, budget: int | None) -> dict[str, Any]:
+def worker(
+    size: int, batch: int, stacks: int, device: str, budget: int | None, threads: int | None
+) -> dict[str, Any]:
     """Profile one training step in this (fresh) process."""
     import pyramidflow_kernels as ops
     import torch
     from memory_depth import build
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     model, images, optimizer = build(size, stacks, device, batch=batch)
     model.config.memory = "recompute"
@@ -119,7 +125,8 @@ def worker(size: int, batch: int, stacks: int, device: str, budget: int | None) 
     peak = max(meter.rows, key=lambda row: row["peak_mb"])
     return {
         "size": size, "batch": batch, "stacks": stacks, "memory_budget": budget,
-        "tiling": model.tiling_summary(), "phases": meter.rows,
+        "threads": torch.get_num_threads(), "tiling": model.tiling_summary(),
+        "phases": meter.rows,
         "step_peak_mb": peak["peak_mb"], "peak_phase": peak["phase"],
         "pyramid_mb": sum(4 * batch * 16 * (size >> i) ** 2 for i in range(4)) / 2**20,
     }  # fmt: skip
@@ -147,6 +154,8 @@ def run_worker(size: int, args: argparse.Namespace, budget: int | None) -> dict[
     ]  # fmt: skip
     if budget is not None:
         command += ["--memory-budget", str(budget)]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
     env = dict(os.environ)
     if args.malloc == "mmap":
         env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
@@ -206,23 +215,44 @@ def main(argv: list[str] | None = None) -> None:
         help="mmap: MALLOC_MMAP_THRESHOLD_=131072, RSS follows what is live (default); "
         "default: glibc's own allocator, as bench/memory_depth.py's peak_mb",
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads per worker (default: torch's; 1 is far faster on a machine "
+        "shared with other jobs, and memory does not depend on it)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="add these runs to the existing results file (replacing the same size and "
+        "setting) instead of overwriting it; the file lists the invocations it holds",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = worker(args.sizes[0], args.batch, args.stacks, args.device, args.memory_budget)
+        result = worker(
+            args.sizes[0], args.batch, args.stacks, args.device, args.memory_budget, args.threads
+        )
         print(json.dumps(result))
         return
     tag = "cuda" if args.device.startswith("cuda") else "cpu"
+    invocation = " ".join(["python", "bench/memory_phases.py", *(argv or sys.argv[1:])])
     runs = []
     for size in args.sizes:
-        runs.append(run_worker(size, args, args.memory_budget))
+        runs.append({**run_worker(size, args, args.memory_budget), "invocation": invocation})
         if size <= args.untiled_up_to and args.memory_budget != 0:
-            runs.append(run_worker(size, args, 0))
+            runs.append({**run_worker(size, args, 0), "invocation": invocation})
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"memory_phases_{tag}"
     meta = {**run_metadata(args.device), "malloc": args.malloc}
-    (args.out / f"{name}.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
+    if args.merge and (args.out / f"{name}.json").exists():
+        # keep the earlier runs of other settings; each run names the command that made it
+        fresh = {(run["size"], run["memory_budget"] == 0) for run in runs}
+        earlier = json.loads((args.out / f"{name}.json").read_text())["runs"]
+        runs = [r for r in earlier if (r["size"], r["memory_budget"] == 0) not in fresh] + runs
+        runs.sort(key=lambda run: (run["size"], run["memory_budget"] == 0))
+    invocations = sorted({run.get("invocation", "unrecorded") for run in runs})
+    report = {**meta, "invocations": invocations, "runs": runs}
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(runs)
     (args.out / f"{name}.md").write_text(table)
     print(table)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import pyramidflow_kernels as ops
 import pytest
 import torch
 from pyramidflow_kernels.testing import relative_error
@@ -30,7 +31,8 @@ def band_rows(monkeypatch):
 
     def set_rows(rows: int) -> None:
         monkeypatch.setattr(tiling, "MIN_BAND_ROWS", 1)
-        monkeypatch.setattr(tiling, "bytes_per_target_row", lambda block, levels: (1 << 20) // rows)
+        per_row = (1 << 20) // rows
+        monkeypatch.setattr(tiling, "band_transient_bytes", lambda block, levels, n: n * per_row)
 
     return set_rows
 
@@ -150,6 +152,41 @@ def test_latents_held_by_the_caller_survive_a_tiled_backward_and_retained_graph(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_walk_overwrites_the_latents_only_when_nothing_else_holds_them(band_rows, monkeypatch):
+    band_rows(3)
+    model = rect_model(stacks=1)
+    whole, tiled = tiled_and_whole(model)
+    levels_in = rect_levels(model)
+    params = [p for p in tiled.parameters() if p.requires_grad]
+    allocations = []
+    like_band = tiling._like_band
+    monkeypatch.setattr(tiling, "_like_band", lambda *a: allocations.append(1) or like_band(*a))
+    with torch.no_grad():
+        tiled.flow(levels_in)
+    forward_allocations = len(allocations)
+
+    def step(hold: bool) -> tuple[list[torch.Tensor], int]:
+        allocations.clear()
+        latents = tiled.flow(levels_in, memory="recompute")
+        kept = [z.clone() for z in latents] if hold else None
+        loss = objective(latents)
+        if not hold:
+            del latents
+        grads = list(torch.autograd.grad(loss, levels_in + params))
+        if hold:
+            assert all(torch.equal(z, k) for z, k in zip(latents, kept, strict=True))
+        return grads, len(allocations) - forward_allocations
+
+    _, g_whole = step_gradients(whole, levels_in, "recompute")
+    g_free, backward_free = step(hold=False)
+    g_held, backward_held = step(hold=True)
+    assert backward_free == 0  # every band's input and gradient went into the handed-over ones
+    assert backward_held > 0
+    for grads in (g_free, g_held):
+        errors = [relative_error(a, b) for a, b in zip(grads, g_whole, strict=True)]
+        assert max(errors) < FLOAT64_TOL, f"worst gradient relative error {max(errors):.2e}"
+
+
 def test_tiling_is_on_where_it_saves_memory_and_off_where_it_does_not():
     paper = PyramidFlow(Config()).train()  # 256 px
     assert paper.tiling_summary()["budget_mb"] > 0
@@ -195,3 +232,70 @@ def test_loss_of_tiled_model_backpropagates_to_every_parameter(band_rows):
     tiled.loss(tiled(images)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in tiled.parameters() if p.requires_grad)  # fmt: skip
+
+
+# The other full-resolution transients of a step: the loss's backward and the decomposition.
+
+
+def loss_levels(batch: int, dtype=torch.float64, seed: int = 5) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, 3, HEIGHT >> i, WIDTH >> i, generator=gen, dtype=dtype)
+        .requires_grad_(True)
+        for i in range(3)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("batch", [2, 3], ids=["one-partner", "two-partners"])
+def test_lean_loss_gradient_equals_the_autograd_formula(batch):
+    from pyramidflow_kernels import loss_map_reference as reference
+
+    latents = loss_levels(batch)
+    lean = reference.fourier_loss(latents)
+    assert lean.grad_fn is not None and "Lean" in type(lean.grad_fn).__name__
+    plain = reference.spectrum_abs_mean(reference.pair_difference_map(latents))
+    assert relative_error(lean, plain) < FLOAT64_TOL
+    lean_grads = torch.autograd.grad(lean, latents)
+    plain_grads = torch.autograd.grad(plain, latents)
+    assert relative_error(list(lean_grads), list(plain_grads)) < FLOAT64_TOL
+    latents32 = [z.detach().float().requires_grad_(True) for z in latents]
+    grads32 = torch.autograd.grad(reference.fourier_loss(latents32), latents32)
+    assert relative_error(list(grads32), list(plain_grads)) < FLOAT32_TOL
+
+
+def test_lean_loss_gives_a_gradient_only_where_one_is_needed():
+    from pyramidflow_kernels import loss_map_reference as reference
+
+    latents = loss_levels(2)
+    frozen = [latents[0].detach(), *latents[1:]]
+    reference.fourier_loss(frozen).backward()
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in latents[1:])
+    assert latents[0].grad is None
+
+
+def test_decomposition_in_channel_chunks_equals_the_whole(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    features = torch.randn(2, 5, HEIGHT, WIDTH, generator=gen, dtype=torch.float64)
+    expected = ops.pyramid_decompose(features, 4, backend="torch")
+    bands = tiling.decompose_in_place(features.clone(), 4, 2, "torch")  # 2 does not divide 5
+    assert [b.shape for b in bands] == [e.shape for e in expected]
+    assert max(relative_error(a, b) for a, b in zip(bands, expected, strict=True)) < FLOAT64_TOL
+    # through the model: chunked when the budget asks for it, the same bands
+    model = rect_model(dtype=torch.float64, stacks=1)
+    images = torch.randn(2, model.config.in_channels, HEIGHT, WIDTH, generator=gen,
+                         dtype=torch.float64)  # fmt: skip
+    whole = model.pyramid(images)
+    planes = (1 << 20) // (3 * 2 * HEIGHT * WIDTH * 8)  # 3 channels of 4 per MiB
+    monkeypatch.setattr(tiling, "DECOMPOSE_PLANES_PER_CHANNEL", planes)
+    model.set_memory_budget(1)
+    assert tiling.decompose_channel_chunk(model.inconv(images), 1) == 3
+    chunked = model.pyramid(images)
+    assert max(relative_error(a, b) for a, b in zip(chunked, whole, strict=True)) < FLOAT64_TOL
+
+
+def test_decomposition_is_chunked_only_where_it_saves_memory():
+    small = torch.empty(()).expand(2, 16, 256, 256)
+    large = torch.empty(()).expand(2, 16, 2048, 2048)
+    assert tiling.decompose_channel_chunk(small, 256) is None
+    assert 1 <= tiling.decompose_channel_chunk(large, 256) < 16
+    assert tiling.decompose_channel_chunk(large, 0) is None

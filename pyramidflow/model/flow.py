@@ -12,7 +12,7 @@ from torch import nn
 from ..config import Config
 from .invertible import InvertibleSequence
 from .layers import CouplingBlock, InputProjection, block_plan
-from .tiling import row_bands
+from .tiling import decompose_channel_chunk, decompose_in_place, row_bands
 
 
 def level_sizes(image_size: tuple[int, int], levels: int) -> list[tuple[int, int]]:
@@ -107,7 +107,12 @@ class PyramidFlow(nn.Module):
         self.check_input(images)
         with torch.no_grad():
             features = self.inconv(images)
-            return ops.pyramid_decompose(features, self.config.levels, backend=self.config.backend)
+            chunk = decompose_channel_chunk(features, self.flow.budget_mb(features.device))
+            if chunk is None:
+                return ops.pyramid_decompose(
+                    features, self.config.levels, backend=self.config.backend
+                )
+            return decompose_in_place(features, self.config.levels, chunk, self.config.backend)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Latents of a normalized image batch, finest first."""

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from .layers import CouplingBlock
-from .tiling import automatic_budget_mb, backward_block, forward_block, row_bands
+from .tiling import (
+    automatic_budget_mb,
+    backward_block,
+    forward_block,
+    held_only_here,
+    row_bands,
+)
 
 
 def _trainable(block: nn.Module) -> list[nn.Parameter]:
@@ -68,7 +74,9 @@ class _KeepLatents(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         ctx.handover.latents = [t.detach() for t in ctx.saved_tensors]
-        ctx.handover.grads = list(grads)
+        # detached: a tensor of our own, so that whoever else keeps the gradient (a hook)
+        # shows in its storage's use count and it is never overwritten (tiling.held_only_here)
+        ctx.handover.grads = [None if g is None else g.detach() for g in grads]
         return (None,) * (1 + len(grads))
 
 
@@ -99,10 +107,10 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
             torch.zeros_like(level) if g is None else g
             for level, g in zip(levels, grad_latents, strict=True)
         ]
-        # Tensors this walk allocated (safe to update in place), as opposed to the latents
-        # and gradients it was handed, which the caller may still hold.
-        owned_levels: set[int] = set()
-        owned_grads = {i for i, g in enumerate(grad_latents) if g is None}
+        # Tensors this walk may update in place: those it allocates, and the latents and
+        # gradients it was handed when nothing else holds them (a caller may).
+        owned_levels = {i for i, z in enumerate(levels) if held_only_here(z)}
+        owned_grads = {i for i, g in enumerate(grad_latents) if g is None or held_only_here(g)}
         del grad_latents
         param_grads: list[torch.Tensor | None] = []
         for block, live in zip(reversed(blocks), reversed(live_at_input), strict=True):

@@ -19,7 +19,17 @@ dynamic batch); those blocks run whole, as before.
 
 Budget: ``Config.memory_budget`` MiB per band (0: never tile; None: automatic,
 :func:`automatic_budget_mb`). A block is tiled only when its estimated whole-image
-transient exceeds the budget, so small images run exactly the untiled code.
+transient (:func:`band_transient_bytes`, measured by ``bench/band_transient.py``) exceeds
+the budget, so small images run exactly the untiled code.
+
+The walk writes a band's reconstructed input and its gradient over the same rows of the
+block's output and output gradient when it may (:func:`held_only_here`: buffers it
+allocated, or latents and gradients it was handed that nothing else shares), so the
+step's floor is one latent pyramid and one gradient pyramid plus one band.
+
+The same budget cuts the pyramid decomposition into channel chunks
+(:func:`decompose_in_place`): all of its operations act per channel, so this is exact
+without any halo, and the finest band is written over the projected features.
 """
 
 from __future__ import annotations
@@ -27,11 +37,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import pyramidflow_kernels as ops
 import torch
 
 from .layers import CouplingBlock
 
 MAX_AUTOMATIC_BUDGET_MB = 256
+# Finest-level planes (B x H x W) live per channel of a chunk in the pyramid decomposition
+# beyond its input and outputs: the blur's passes, the pixel-replicated coarser level and
+# its blur (bench/memory_phases.py's 'pyramid decompose' phase: 8.2 at 2048 px in chunks
+# of 2 channels).
+DECOMPOSE_PLANES_PER_CHANNEL = 8
 # Below this many target rows per band the halo recomputation ((k-1)/2 rows per
 # convolution each side) costs more time than the memory is worth.
 MIN_BAND_ROWS = 16
@@ -65,23 +81,31 @@ def _sizes(levels: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     return [(t.shape[-2], t.shape[-1]) for t in levels]
 
 
-def bytes_per_target_row(block: CouplingBlock, levels: Sequence[torch.Tensor]) -> int:
-    """Estimated transient bytes per target row of the block's recompute backward: the
-    conditioning and hidden rows with their gradients and saved copies, h with its
-    gradient and the coupling's intermediates, the target rows (x, z, gradients)."""
+def band_transient_bytes(block: CouplingBlock, levels: Sequence[torch.Tensor], rows: int) -> int:
+    """Estimated peak transient of the recompute backward of a band of ``rows`` target rows:
+    twice each of its tensors (the tensor and its gradient or a saved copy), the
+    conditioning rows and hidden rows with their halos, the rows of h and of the target.
+
+    Calibrated by ``bench/band_transient.py``, which measures one band's backward: at
+    1024 and 2048 px this is 0.91 to 1.09 times the measured transient for bands of 32 to
+    128 rows of the up, dual(0) and dual(1) blocks (an earlier count, without the factor
+    2's reasoning, was 2.3 to 2.7 times: bands were half as tall as the budget allowed)."""
     sizes = _sizes(levels)
     target = levels[block.target]
     batch, channels, width = target.shape[0], target.shape[1], target.shape[-1]
     conv_in = block.param_net[0]
+    pad, stride = conv_in.padding[0], block.param_stride
     param_width = sizes[block.start + 1 if block.kind == "dual" else block.start][1]
-    rows_h = block.param_rows_per_target_row(sizes)
-    rows_hidden = rows_h * block.param_stride
-    per_row = (
-        rows_hidden * param_width * (3 * conv_in.in_channels + 4 * conv_in.out_channels)
-        + rows_h * (param_width // block.param_stride) * 6 * conv_in.out_channels
-        + 8 * channels * width
+    rows_h = rows * block.param_rows_per_target_row(sizes)
+    rows_hidden = (rows_h - 1) * stride + 1 + 2 * pad
+    rows_condition = rows_hidden + 2 * pad
+    elements = (
+        rows_condition * param_width * conv_in.in_channels
+        + rows_hidden * param_width * conv_in.out_channels
+        + rows_h * (param_width // stride) * conv_in.out_channels
+        + rows * width * channels
     )
-    return per_row * batch * target.element_size()
+    return 2 * elements * batch * target.element_size()
 
 
 def row_bands(block: CouplingBlock, levels: Sequence[torch.Tensor], budget_mb: int) -> Bands | None:
@@ -92,10 +116,44 @@ def row_bands(block: CouplingBlock, levels: Sequence[torch.Tensor], budget_mb: i
     if any(isinstance(t.shape[i], torch.SymInt) for t in levels for i in range(t.dim())):
         return None  # traced with symbolic sizes (export): a plan would guard on them
     height = levels[block.target].shape[-2]
-    rows = max(MIN_BAND_ROWS, (budget_mb << 20) // bytes_per_target_row(block, levels))
+    fixed = band_transient_bytes(block, levels, 0)  # the halos: the estimate is affine
+    per_row = band_transient_bytes(block, levels, 1) - fixed
+    rows = max(MIN_BAND_ROWS, ((budget_mb << 20) - fixed) // per_row)
     if rows >= height:
         return None
     return [(start, min(start + rows, height)) for start in range(0, height, rows)]
+
+
+def _storage_holders(tensor: torch.Tensor) -> int | None:
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    try:
+        return None if use_count is None else use_count(tensor.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError, TypeError):  # no real storage (traced, subclass)
+        return None
+
+
+_ONE_HOLDER = _storage_holders(torch.empty(1))
+
+
+def _without_overlap(tensor: torch.Tensor) -> bool:
+    """No two elements share memory (not an expanded tensor): writable band by band."""
+    span = 1
+    for stride, size in sorted(
+        (st, n) for st, n in zip(tensor.stride(), tensor.shape, strict=True) if n > 1
+    ):
+        if stride < span:
+            return False
+        span += stride * (size - 1)
+    return True
+
+
+def held_only_here(tensor: torch.Tensor) -> bool:
+    """Whether no other tensor (a view, a saved copy, the caller's latents) shares
+    ``tensor``'s memory and no two of its elements do, so that the walk may overwrite it.
+    Reads torch's storage use count (a private function: where it is missing, answers
+    False and nothing is overwritten)."""
+    holders = _storage_holders(tensor)
+    return holders is not None and holders == _ONE_HOLDER and _without_overlap(tensor)
 
 
 def _like_band(band: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -219,3 +277,36 @@ def backward_block(
     if grad_x is not None:
         owned_grads.add(target)
     return param_grads
+
+
+def decompose_channel_chunk(features: torch.Tensor, budget_mb: int) -> int | None:
+    """Channels per chunk of the pyramid decomposition within the budget, or None to
+    decompose all channels at once (they fit, or no budget)."""
+    if budget_mb <= 0 or any(isinstance(n, torch.SymInt) for n in features.shape):
+        return None
+    batch, channels, height, width = features.shape
+    per_channel = DECOMPOSE_PLANES_PER_CHANNEL * batch * height * width * features.element_size()
+    chunk = max(1, (budget_mb << 20) // per_channel)
+    return None if chunk >= channels else chunk
+
+
+def decompose_in_place(
+    features: torch.Tensor, levels: int, chunk: int, backend: str
+) -> list[torch.Tensor]:
+    """:func:`pyramidflow_kernels.pyramid_decompose` of ``features`` a few channels at a time
+    (every operation of the pyramid acts per channel, so each chunk's bands are the whole
+    decomposition's), the finest band written over ``features`` (which the caller hands
+    over): the transients are one chunk's instead of all channels'."""
+    outputs: list[torch.Tensor] = [features]
+    for c0 in range(0, features.shape[1], chunk):
+        bands = ops.pyramid_decompose(features[:, c0 : c0 + chunk], levels, backend=backend)
+        if c0 == 0:
+            outputs += [
+                torch.empty((features.shape[0], features.shape[1], *band.shape[-2:]),
+                            dtype=band.dtype, device=band.device)
+                for band in bands[1:]
+            ]  # fmt: skip
+        for out, band in zip(outputs, bands, strict=True):
+            out[:, c0 : c0 + chunk] = band
+        del bands
+    return outputs
