@@ -7,6 +7,7 @@ from ._backend import BACKENDS, resolve_backend, triton_available
 from .ops import (
     affine_coupling,
     affine_coupling_inverse,
+    affine_coupling_recompute,
     anomaly_map,
     fourier_loss,
     pyramid_compose,
@@ -20,6 +21,7 @@ __all__ = [
     "__version__",
     "affine_coupling",
     "affine_coupling_inverse",
+    "affine_coupling_recompute",
     "anomaly_map",
     "fourier_loss",
     "pyramid_compose",

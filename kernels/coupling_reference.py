@@ -96,5 +96,40 @@ def affine_coupling_inverse(
     log_scale, shift, _ = _log_scale_and_shift(
         h, z.shape[-2:], running_mean, volume_norm, training, clamp
     )
+    return _inverse_affine(z, log_scale, shift, weight)
+
+
+def _inverse_affine(
+    z: torch.Tensor, log_scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
     inverse_weight = inverse_matrix(weight).to(weight.dtype)
     return (mix_channels(inverse_weight, z) - shift) * torch.exp(-log_scale)
+
+
+def affine_coupling_recompute(
+    z: torch.Tensor,
+    grad_z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    *,
+    volume_norm: str,
+    training: bool,
+    clamp: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One coupling's step of a recompute backward: the forward's input ``x`` rebuilt from
+    its output ``z``, then the forward's gradients at ``x``: ``(x, grad_x, grad_h,
+    grad_weight)`` for the incoming ``grad_z``. Not differentiable itself."""
+    with torch.no_grad():
+        log_scale, shift, _ = _log_scale_and_shift(
+            h, z.shape[-2:], running_mean, volume_norm, training, clamp
+        )
+        x = _inverse_affine(z, log_scale, shift, weight)
+        del log_scale, shift
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (x, h, weight)]
+        out, _ = affine_coupling(
+            *leaves, running_mean, volume_norm=volume_norm, training=training, clamp=clamp
+        )
+        grad_x, grad_h, grad_weight = torch.autograd.grad(out, leaves, grad_z)
+    return x, grad_x, grad_h, grad_weight

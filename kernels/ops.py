@@ -38,6 +38,7 @@ TRITON_MODULES: dict[str, str] = {
     "pyramid_compose": "pyramid_triton",
     "affine_coupling": "coupling_triton",
     "affine_coupling_inverse": "coupling_triton",
+    "affine_coupling_recompute": "coupling_recompute",
     "fourier_loss": "loss_map_triton",
     "anomaly_map": "loss_map_triton",
 }
@@ -154,6 +155,41 @@ def affine_coupling_inverse(
     """
     fn = _pick("affine_coupling_inverse", coupling_reference.affine_coupling_inverse, backend, z)
     return fn(z, h, weight, running_mean, volume_norm=volume_norm, training=training, clamp=clamp)
+
+
+def affine_coupling_recompute(
+    z: torch.Tensor,
+    grad_z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    *,
+    volume_norm: str,
+    training: bool,
+    clamp: float = 2.0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One coupling's step of a memory-saving backward: ``(x, grad_x, grad_h, grad_weight)``.
+
+    ``z`` is the output of :func:`affine_coupling` with these ``h``, ``weight``,
+    ``running_mean`` and options, ``grad_z`` the gradient arriving at it. Returns the
+    forward's input x = :func:`affine_coupling_inverse` (z, ...) and the gradients of the
+    forward at x with respect to x, h and weight (the VN batch-mean correction included in
+    training; ``vn_mean``'s gradient taken as zero: running statistics are not
+    differentiated). The caller back-propagates ``grad_h`` and ``grad_weight`` into
+    whatever produced h and weight. Not differentiable itself (it is a backward).
+
+    Triton: the inverse (one VN batch reduction in training, whose mean the backward
+    reuses) and the fused backward, without re-running the forward for a graph; 4 kernel
+    launches in training, 2 in eval. The torch reference rebuilds x the same way and
+    differentiates the reference forward at x.
+    """
+    fn = _pick("affine_coupling_recompute", coupling_reference.affine_coupling_recompute,
+               backend, z)  # fmt: skip
+    return fn(
+        z, grad_z, h, weight, running_mean, volume_norm=volume_norm, training=training,
+        clamp=clamp,
+    )  # fmt: skip
 
 
 def fourier_loss(latents: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:

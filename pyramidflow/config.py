@@ -24,6 +24,8 @@ MVTEC_SVN = frozenset({"carpet", "grid", "bottle", "transistor"})
 MVTEC_LEVELS = {"metal_nut": 8, "carpet": 8, "transistor": 8, "screw": 2}
 
 MEMORY_MODES = ("recompute", "store")
+# precision of the parameter networks' convolutions (pyramidflow.model.precision)
+CONV_PRECISIONS = ("fp32", "tf32", "bf16")
 VOLUME_NORMS = tuple(VN_DIMS)  # ("CVN", "SVN"), as the coupling op knows them
 MAX_LEVELS = 16  # 2^15 px per side at the least: beyond any image
 #: Default pixel limit of the image readers: 2^28 = 16384 x 16384, checked on file headers.
@@ -93,6 +95,10 @@ class Config:
     # Same results either way (the bands compute the whole-image sums).
     memory_budget: int | None = None
     backend: str = "auto"
+    # the parameter networks' convolutions: "fp32", "tf32" (CUDA only; fp32 elsewhere) or
+    # "bf16" (autocast, CPU and CUDA); the coupling, VN, loss and template stay float32
+    # (pyramidflow.model.precision)
+    conv_precision: str = "fp32"
     # preprocessing: x = (pixel / max_value - mean) / std, per channel
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -169,7 +175,7 @@ class Config:
         for name, allowed in (
             ("volume_norm", VOLUME_NORMS), ("memory", MEMORY_MODES),
             ("normalization", NORMALIZATIONS), ("geometry", GEOMETRIES), ("backend", BACKENDS),
-            ("scoring", SCORINGS),
+            ("scoring", SCORINGS), ("conv_precision", CONV_PRECISIONS),
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:

@@ -146,7 +146,8 @@ JSON_VALUES = st.recursive(
 )
 FIELDS = [
     "levels", "stacks", "channels", "kernel_size", "volume_norm", "image_size", "in_channels",
-    "memory", "memory_budget", "backend", "mean", "std", "normalization", "geometry",
+    "memory", "memory_budget", "backend", "conv_precision", "mean", "std", "normalization",
+    "geometry",
     "holdout_fraction", "threshold_quantile", "batch_size", "epochs", "lr", "betas", "augment",
     "seed", "clamp", "eps", "weight_decay", "grad_clip", "category", "extra",
 ]  # fmt: skip

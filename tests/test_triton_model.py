@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported anywhere
 
+import collections  # noqa: E402
 import copy  # noqa: E402
 
 import pytest  # noqa: E402
@@ -86,8 +87,10 @@ def test_training_step_on_triton_equals_torch(volume_norm, memory, monkeypatch):
     lat_ref, loss_ref = training_step(reference, images.double())
     lat, loss = training_step(model, images.to(DEVICE))
     assert calls["pyramid_decompose"] == 1
-    assert calls["affine_coupling"] == (2 if memory == "recompute" else 1) * len(model.blocks)
-    assert calls["affine_coupling_inverse"] == (len(model.blocks) if memory == "recompute" else 0)
+    assert calls["affine_coupling"] == len(model.blocks)
+    recomputed = len(model.blocks) if memory == "recompute" else 0
+    assert calls["affine_coupling_inverse"] == 0  # the walk inverts inside the recompute op
+    assert calls["affine_coupling_recompute"] == recomputed
     assert calls["fourier_loss"] == 1
 
     assert len(lat) == 3
@@ -153,3 +156,52 @@ def test_backend_variable_applies_to_a_model_left_on_auto(monkeypatch, forced):
         model(torch.randn(2, 3, SIZE, SIZE, device=DEVICE))
     expected = ["pyramid_decompose", "affine_coupling", "affine_coupling"]
     assert calls == (expected if forced == "triton" else [])
+
+
+# Triton launches of one recompute training step at S = 4, L = 4 (CVN, 16 blocks) before the
+# walk called the fused backward directly (main at 58db6b7): per block 2 in the forward and
+# 6 in the walk (VN sum, inverse, VN sum and forward again for a graph, backward, VN
+# gradient), plus 22 for the pyramid and the loss.
+LAUNCHES_BEFORE = 150
+
+
+def count_triton_launches(monkeypatch: pytest.MonkeyPatch) -> collections.Counter:
+    """Count every kernel launch by kernel name, through each Triton op module's ``launch``
+    (the one function all of them start kernels with)."""
+    from pyramidflow_kernels import coupling_triton, loss_map_triton, pyramid_triton
+
+    launches: collections.Counter = collections.Counter()
+    for module in (coupling_triton, loss_map_triton, pyramid_triton):
+
+        def counted(kernel, grid, *args, _real=module.launch, **constexprs):
+            launches[kernel.fn.__name__] += 1
+            return _real(kernel, grid, *args, **constexprs)
+
+        monkeypatch.setattr(module, "launch", counted)
+    return launches
+
+
+def test_recompute_step_launches_each_coupling_kernel_once_per_block_and_pass(monkeypatch):
+    # (SVN launches the same kernels the same number of times: 118 as well)
+    torch.manual_seed(0)
+    config = Config(
+        levels=4, stacks=4, channels=4, kernel_size=3, image_size=16, memory_budget=0,
+        backend="triton",
+    )  # fmt: skip
+    model = PyramidFlow(config).to(DEVICE).train()
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    launches = count_triton_launches(monkeypatch)
+    training_step(model, images.to(DEVICE))
+    blocks = len(model.blocks)
+    assert blocks == 16
+    coupling = {
+        "_vn_sum_kernel": 2 * blocks,  # the forward's and the walk's inverse's, nothing else
+        "_coupling_fwd_kernel": blocks,  # the forward only: the walk runs the fused backward
+        "_coupling_inv_kernel": blocks,
+        "_coupling_bwd_kernel": blocks,
+        "_vn_grad_kernel": blocks,
+    }
+    assert {k: launches[k] for k in coupling} == coupling
+    total = sum(launches.values())
+    assert total == 6 * blocks + 22
+    assert total <= 0.8 * LAUNCHES_BEFORE  # 118 of 150: 79 %

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import (
     BACKENDS,
+    CONV_PRECISIONS,
     DEFAULT_MAX_PIXELS,
     MEMORY_MODES,
     MVTEC_CATEGORIES,
@@ -110,12 +111,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help="op implementation; auto = Triton on CUDA, torch otherwise",
     )
+    g.add_argument(
+        "--conv-precision",
+        choices=CONV_PRECISIONS,
+        help="precision of the parameter networks' convolutions: fp32 (default), tf32 (CUDA "
+        "only, fp32 elsewhere) or bf16 (autocast); the rest of the model stays float32",
+    )
     add_max_pixels_option(g, None)
 
 
 FIELD_FLAGS = (
     "levels", "stacks", "channels", "kernel_size", "volume_norm", "epochs", "batch_size", "lr",
-    "augment", "seed", "memory", "memory_budget", "backend", "scoring", "max_pixels",
+    "augment", "seed", "memory", "memory_budget", "backend", "conv_precision", "scoring",
+    "max_pixels",
 )  # fmt: skip
 
 

@@ -53,7 +53,8 @@ class AnomalyGraph(nn.Module):
     """The inference graph: normalized images (B, C, H, W) -> (maps (B, H, W), scores (B,)).
 
     Holds its own eval-mode, gradient-free float32 copy of the model on the CPU with the
-    torch reference ops (Triton kernels do not export to ONNX) and the template as
+    torch reference ops (Triton kernels do not export to ONNX), float32 convolutions
+    whatever the model's ``conv_precision``, and the template as
     buffers, so that tracing sees no autograd branch, no Triton call and no state update.
     """
 
@@ -70,6 +71,7 @@ class AnomalyGraph(nn.Module):
             raise ExportError(f"template has {len(template)} levels, the model has {config.levels}")
         self.model = copy.deepcopy(model).float().cpu().eval().requires_grad_(False)
         self.model.set_backend("torch")
+        self.model.set_conv_precision("fp32")  # an exported graph is float32 throughout
         self.levels = config.levels
         self.recipe = config.scoring
         if uses_spread(self.recipe) and spread is None:

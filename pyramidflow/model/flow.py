@@ -37,7 +37,7 @@ class PyramidFlow(nn.Module):
                     CouplingBlock(
                         kind, start, config.channels, config.kernel_size, config.volume_norm,
                         sizes[param_level], clamp=config.clamp, strided_down=strided_down,
-                        backend=config.backend,
+                        backend=config.backend, conv_precision=config.conv_precision,
                     )
                 )  # fmt: skip
         self.flow = InvertibleSequence(blocks)
@@ -54,6 +54,14 @@ class PyramidFlow(nn.Module):
         self.config.validate()
         for block in self.blocks:
             block.backend = backend
+
+    def set_conv_precision(self, precision: str) -> None:
+        """Run the parameter networks' convolutions in ``fp32``, ``tf32`` or ``bf16``
+        (pyramidflow.model.precision); the weights stay float32."""
+        self.config.conv_precision = precision
+        self.config.validate()
+        for block in self.blocks:
+            block.conv_precision = precision
 
     def set_memory_budget(self, budget_mb: int | None) -> None:
         """MiB per row band of the flow's blocks (None: automatic, 0: never tile)."""

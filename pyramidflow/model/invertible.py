@@ -4,8 +4,10 @@
 the final latents (and the parameters, which cost no extra memory). Backward walks the
 blocks in reverse: for each block it evaluates the parameter network once, with grad
 enabled, on the conditioning levels (unchanged by the block, so identical to the
-forward's); the same (s, t) invert the block and carry the local graph that is
-back-propagated. Running statistics are updated in the forward only.
+forward's). With that h, ``affine_coupling_recompute`` inverts the block (its VN batch
+mean reduced once) and runs the fused coupling backward, whose grad h goes straight into
+the parameter network's graph: the coupling itself is not re-run to get a graph.
+Running statistics are updated in the forward only.
 
 The latents are saved by a separate identity node (:class:`_KeepLatents`) whose backward
 runs just before the walk and hands the latents and their gradients over: autograd then
@@ -122,7 +124,6 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                 if ctx.observer is not None:
                     ctx.observer(block)
                 continue
-            params = _trainable(block)
             with torch.enable_grad():
                 conditioned = list(levels)
                 cond_inputs = []
@@ -130,23 +131,17 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                     if live[index]:
                         conditioned[index] = levels[index].detach().requires_grad_(True)
                         cond_inputs.append((index, conditioned[index]))
-                h = block.parameters_for(conditioned)
-                with torch.no_grad():
-                    x = block.untransform(levels[block.target], h)
-                x_leaf = x.detach().requires_grad_(live[block.target])
-                z = block.transform(x_leaf, h, update_stats=False)
-                # Back-propagate the scalar <z, grad z> (same gradients, bit for bit) so
-                # that neither z nor h is held while the local graph runs backward.
-                projected = torch.sum(z * grads[block.target])
-                del z, h, conditioned
-                wrt = [x_leaf] if live[block.target] else []
-                wrt += [leaf for _, leaf in cond_inputs] + params
-                results = (
-                    list(torch.autograd.grad(projected, wrt, allow_unused=True)) if wrt else []
-                )
+                # h and the mixing weight go in unnamed: the call frees each before its
+                # graph runs backward
+                x, grad_x, results = block.transform_backward(
+                    levels[block.target], grads[block.target], block.parameters_for(conditioned),
+                    block.mixing.weight(), block.running_mean_view(),
+                    [leaf for _, leaf in cond_inputs] + _trainable(block),
+                )  # fmt: skip
+                del conditioned
             levels[block.target] = x
             owned_levels.add(block.target)
-            grads[block.target] = results.pop(0) if live[block.target] else None
+            grads[block.target] = grad_x if live[block.target] else None
             owned_grads.add(block.target)
             for index, _ in cond_inputs:
                 g = results.pop(0)
@@ -154,7 +149,7 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                     grads[index] = g if grads[index] is None else grads[index] + g
                     owned_grads.add(index)
             param_grads[:0] = results
-            del projected, results, x_leaf, cond_inputs
+            del results, cond_inputs, x, grad_x
             if ctx.observer is not None:
                 ctx.observer(block)
         input_grads = [

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from pyramidflow_kernels.coupling_reference import soft_clamp, vn_dims
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from .precision import backward_scope, conv_scope, parameter_output
 
 
 class InputProjection(nn.Module):
@@ -70,6 +73,16 @@ def _pad_rows(x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
     return F.pad(x, (0, 0, top, bottom)) if top or bottom else x
 
 
+def _conv_layout(condition: torch.Tensor) -> torch.Tensor:
+    """The parameter network's input in channels-last order on CPU and CUDA. oneDNN
+    convolves channels-last tensors as they are (NCHW ones are reordered to its blocked
+    layout first: activation-sized buffers in every backward, and time); cuDNN's fastest
+    (tensor-core) kernels are NHWC ones. Same values up to float rounding."""
+    if condition.device.type in ("cpu", "cuda"):
+        return condition.contiguous(memory_format=torch.channels_last)
+    return condition
+
+
 def _nearest_rows(
     fetch: RowFetch, index: int, sizes: Sequence[tuple[int, int]], size: tuple[int, int],
     r0: int, r1: int,
@@ -106,12 +119,14 @@ class CouplingBlock(nn.Module):
         clamp: float = 2.0,
         strided_down: bool = True,
         backend: str = "auto",
+        conv_precision: str = "fp32",
     ) -> None:
         super().__init__()
         if kind not in ("up", "down", "dual"):
             raise ValueError(f"unknown block kind {kind!r}")
         self.kind, self.start, self.clamp = kind, start, clamp
         self.volume_norm, self.backend = volume_norm, backend
+        self.conv_precision = conv_precision  # pyramidflow.model.precision
         self.target = start if kind == "up" else start + 1
         self.conditions = {"up": (start + 1,), "down": (start,), "dual": (start, start + 2)}[kind]
         in_channels = 2 * channels if kind == "dual" else channels
@@ -154,14 +169,11 @@ class CouplingBlock(nn.Module):
         )  # fmt: skip
 
     def parameters_for(self, levels: Levels) -> torch.Tensor:
-        """Raw parameter-network output [s_raw, t] (B, 2C, ...)."""
-        condition = self.conditioning(levels)
-        if condition.device.type == "cpu":
-            # oneDNN convolves channels-last tensors as they are; NCHW ones are reordered
-            # to its blocked layout first (activation-sized buffers in every backward, and
-            # time). Same values up to float rounding; h is channels-last.
-            condition = condition.contiguous(memory_format=torch.channels_last)
-        return self.param_net(condition)
+        """Raw parameter-network output [s_raw, t] (B, 2C, ...), in the levels' dtype."""
+        condition = _conv_layout(self.conditioning(levels))
+        with conv_scope(self.conv_precision, condition.device):
+            h = self.param_net(condition)
+        return parameter_output(h, condition.dtype)
 
     def running_mean_view(self) -> torch.Tensor:
         if self.param_stride == 1:
@@ -230,6 +242,42 @@ class CouplingBlock(nn.Module):
             x = x * torch.exp(self._picked(synced[0], z))
         return x
 
+    def transform_backward(
+        self, z: torch.Tensor, grad_z: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+        running_mean: torch.Tensor, wrt: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:  # fmt: skip
+        """The recompute backward of :meth:`transform` on (a band of) the target level.
+
+        From the output ``z`` and its gradient ``grad_z``: ``(x, grad_x, grads)``, the
+        block's input rebuilt with the inverse, its gradient, and the gradients of the
+        tensors ``wrt`` that ``h`` and ``weight`` (passed with their graphs, and held by
+        nothing else, so that they are freed before their graphs run backward) were
+        computed from. The fused coupling backward gives grad h straight to the parameter
+        network: the forward is not re-run to get a graph.
+        """
+        x, grad_x, grad_h, grad_weight = ops.affine_coupling_recompute(
+            z, grad_z, h.detach(), weight.detach(), running_mean,
+            volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
+            backend=self.backend,
+        )  # fmt: skip
+        outputs, grads = [h, weight], [grad_h, grad_weight]
+        synced = self._vn_correction(h)
+        if synced is not None:
+            # the coupling's input was x * exp(-c), c the synced correction (a function of h)
+            log_factor = self._picked(synced[0], z)
+            x = x * torch.exp(log_factor.detach())
+            outputs.append(x * torch.exp(-log_factor))
+            grads.append(grad_x)
+            grad_x = grad_x * torch.exp(-log_factor.detach())
+        edges = [get_gradient_edge(t) for t in outputs if t.requires_grad]
+        grads = [g for t, g in zip(outputs, grads, strict=True) if t.requires_grad]
+        del h, weight, outputs, synced
+        if not edges or not wrt:
+            return x, grad_x, [None] * len(wrt)
+        with backward_scope(self.conv_precision, z.device):
+            results = torch.autograd.grad(edges, wrt, grads, allow_unused=True)
+        return x, grad_x, list(results)
+
     # Row bands (pyramidflow.model.tiling): the block evaluated on rows of its target level.
 
     def tileable(self) -> bool:
@@ -270,13 +318,13 @@ class CouplingBlock(nn.Module):
         m0, m1 = h0 * stride - pad, (h1 - 1) * stride + pad + 1  # hidden rows needed
         v0, v1 = max(m0, 0), min(m1, height)  # of which inside the image
         c0, c1 = v0 - pad, v1 + pad  # conditioning rows for those
-        condition = self.conditioning_rows(fetch, sizes, max(c0, 0), min(c1, height))
-        if condition.device.type == "cpu":
-            condition = condition.contiguous(memory_format=torch.channels_last)
-        condition = _pad_rows(condition, max(c0, 0) - c0, c1 - min(c1, height))
-        hidden = activation(F.conv2d(condition, conv_in.weight, padding=(0, pad)))
-        hidden = _pad_rows(hidden, v0 - m0, m1 - v1)
-        return F.conv2d(hidden, conv_out.weight, stride=stride, padding=(0, pad))
+        condition = _conv_layout(self.conditioning_rows(fetch, sizes, max(c0, 0), min(c1, height)))
+        with conv_scope(self.conv_precision, condition.device):
+            padded = _pad_rows(condition, max(c0, 0) - c0, c1 - min(c1, height))
+            hidden = activation(F.conv2d(padded, conv_in.weight, padding=(0, pad)))
+            hidden = _pad_rows(hidden, v0 - m0, m1 - v1)
+            h = F.conv2d(hidden, conv_out.weight, stride=stride, padding=(0, pad))
+        return parameter_output(h, condition.dtype)
 
     def forward(self, levels: Levels, update_stats: bool = True) -> Levels:
         """Apply the block; returns a new list with the target level replaced."""

@@ -243,24 +243,18 @@ def backward_block(
             return rows
 
         with torch.enable_grad():
-            weight = block.mixing.weight()
-            h = block.parameters_for_rows(fetch, sizes, t0 * step, t1 * step)
-            mean = _mean_rows(block, t0 * step, t1 * step)
-            with torch.no_grad():
-                x = block.uncouple(z_full[..., t0:t1, :], h, weight, mean)
-            x_leaf = x.detach().requires_grad_(live[target])
-            z, _ = block.couple(x_leaf, h, weight, mean)
-            # as in the whole-block walk: back-propagate <z, grad z>, holding neither
-            projected = torch.sum(z * grad_z[..., t0:t1, :])
-            del z, h
-            wrt = ([x_leaf] if live[target] else []) + [leaf for _, _, leaf in leaves] + params
-            results = list(torch.autograd.grad(projected, wrt, allow_unused=True))
-        del projected, x_leaf
+            # as in the whole-block walk, h goes in unnamed (the arguments are evaluated in
+            # order: fetch has collected the band's leaves before the list of them is made)
+            x, grad, results = block.transform_backward(
+                z_full[..., t0:t1, :], grad_z[..., t0:t1, :],
+                block.parameters_for_rows(fetch, sizes, t0 * step, t1 * step),
+                block.mixing.weight(), _mean_rows(block, t0 * step, t1 * step),
+                [leaf for _, _, leaf in leaves] + params,
+            )  # fmt: skip
         if x_full is None:
             x_full = _like_band(x, z_full)
         x_full[..., t0:t1, :] = x
         if live[target]:
-            grad = results.pop(0)
             if grad_x is None:
                 grad_x = _like_band(grad, grad_z)
             grad_x[..., t0:t1, :] = grad

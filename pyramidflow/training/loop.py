@@ -17,6 +17,7 @@ import torch
 from ..config import Config
 from ..errors import TrainingError
 from ..model.flow import PyramidFlow
+from ..model.precision import backward_scope
 from ..progress import counter_bar
 from . import distributed
 from .state import Position, TrainState, data_fingerprint, load_train_state, save_train_state
@@ -423,6 +424,8 @@ def train(
     )  # fmt: skip
     start = _resume_or_start(run, resume)
     with contextlib.ExitStack() as cleanup:
+        # store mode's backward runs the convolutions' gradients here, outside the model
+        cleanup.enter_context(backward_scope(model.config.conv_precision, device))
         net = _network(run, cleanup)
         run.started = time.perf_counter() - run.report.seconds
         bar = counter_bar(_steps_left(run, start), "training", enabled=progress and run.rank == 0)

@@ -23,11 +23,12 @@ from ..model.flow import PyramidFlow
 
 TRAINING_STATE = "training_state"
 # Config fields a resume may change: they do not change what is computed (epochs only
-# says where to stop; memory/memory_budget/backend change rounding, not the result;
-# max_pixels is a reading policy).
+# says where to stop; memory/memory_budget/backend/conv_precision change rounding, not the
+# result; max_pixels is a reading policy).
 _RESUMABLE_CHANGES = frozenset(
-    {"epochs", "memory", "memory_budget", "backend", "category", "extra", "max_pixels"}
-)
+    {"epochs", "memory", "memory_budget", "backend", "conv_precision", "category", "extra",
+     "max_pixels"}
+)  # fmt: skip
 _OPTIMIZER_PREFIX = "optimizer."
 
 
@@ -188,7 +189,7 @@ def _check_resumable(
     if changed:
         raise TrainingError(
             f"{path}: cannot resume with a different config ({', '.join(changed)} changed); "
-            "only epochs, memory, backend and max_pixels may change"
+            "only epochs, memory, memory_budget, backend, conv_precision and max_pixels may change"
         )
     if info["images"] != fingerprint:
         raise TrainingError(f"{path}: was trained on other images; cannot resume on these")
