@@ -121,7 +121,8 @@ def test_recompute_backward_gets_the_forward_h_bit_for_bit(policy, tiled, monkey
     model = make_model(policy, memory_budget=1 if tiled else 0)
     if tiled:  # bands of 7 rows in every block (the test shapes are tiny for the budget)
         monkeypatch.setattr(tiling, "MIN_BAND_ROWS", 1)
-        monkeypatch.setattr(tiling, "bytes_per_target_row", lambda block, levels: (1 << 20) // 7)
+        per_row = (1 << 20) // 7
+        monkeypatch.setattr(tiling, "band_transient_bytes", lambda block, levels, n: n * per_row)
     evaluations: list[tuple[int, bool, torch.Tensor]] = []
 
     def replayed(index: int, method, fetch_rows):
