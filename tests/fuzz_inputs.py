@@ -326,7 +326,19 @@ def campaign(seed: int, cases: int, max_pixels: int = 2**22) -> dict[str, Any]:
         "slowest_case_s": round(slowest[0], 3),
         "slowest_case": slowest[1],
         "bad": bad,
+        "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM of its address space). Not
+    ``ru_maxrss``: Linux carries the maximum of the address space a process replaced by
+    ``exec`` into it, and a child that Python's subprocess starts with vfork replaces its
+    parent's, so its ``ru_maxrss`` can be the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ def test_mutated_images_and_model_files_end_in_a_result_or_one_line() -> None:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
         timer = threading.Timer(TIME_LIMIT_S, process.kill)
         timer.start()
-        _, status, usage = os.wait4(process.pid, 0)  # the peak RSS of exactly this process
+        _, status = os.waitpid(process.pid, 0)
         timer.cancel()
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -41,4 +41,4 @@ def test_mutated_images_and_model_files_end_in_a_result_or_one_line() -> None:
         assert counts.get(f"{target} refused", 0) > 0  # the mutations do break files
     assert counts.get("image result", 0) > 0
     assert report["slowest_case_s"] < 10, report["slowest_case"]
-    assert usage.ru_maxrss / 1024 < PEAK_RSS_MB
+    assert report["peak_rss_mb"] < PEAK_RSS_MB

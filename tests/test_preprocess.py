@@ -171,7 +171,7 @@ def test_threshold_from_good_images_flags_few_good_ones(disc: Path) -> None:
     pred = det.predict(str(disc / "test" / "good" / "000.png"))
     assert pred.mask is not None and pred.mask.shape == pred.anomaly_map.shape
     assert pred.is_anomalous == (pred.score >= det.threshold)
-    assert pred.mask.any() == (pred.anomaly_map.max() >= det.threshold)
+    assert pred.mask.any() == (pred.anomaly_map.max() >= det.map_threshold())
 
 
 def test_report_is_static_and_links_only_local_files(tmp_path: Path) -> None:
