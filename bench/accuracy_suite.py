@@ -11,6 +11,8 @@ does for MVTec textures), then every scoring recipe applied to the same latents:
   divided by its own mean (method section 8);
 - ``fused``: ``relative``'s map; image score = the mean over pyramid levels of each
   level's own relative map maximum over its mean on the good training images;
+- ``fused_peak``: ``fused``, or the unsmoothed ``relative`` map's peak over its mean on
+  the good training images when that ratio is the larger (the library's default);
 - ``fused+tta``: ``fused`` averaged over the 8 flips and quarter turns of the image
   (the texture augmentation's group), each map turned back first, the 8 scores averaged.
 
@@ -63,7 +65,7 @@ from pyramidflow.model.scoring import (  # noqa: E402
 from pyramidflow.preprocess import load_stack, model_mask  # noqa: E402
 from pyramidflow.training.template import LatentMoments  # noqa: E402
 
-RECIPES = ("paper", "znorm", "relative", "fused", "fused+tta")
+RECIPES = ("paper", "znorm", "relative", "fused", "fused_peak", "fused+tta")
 TEXTURES = ("fractal", "pebbles", "fibres")
 
 
@@ -96,7 +98,7 @@ class Scorer:
         self.latents: dict[int, list[torch.Tensor]] = {}
         train = self._latents(train_images, 0)
         self.stats = {}
-        for recipe in ("paper", "znorm", "relative", "fused"):
+        for recipe in ("paper", "znorm", "relative", "fused", "fused_peak"):
             moments = LatentMoments(self.model.config, squares=recipe != "paper", device="cpu")
             moments.add(recipe_latents(train, recipe))
             dtype = train_images.dtype
@@ -104,9 +106,12 @@ class Scorer:
                 (moments.template(dtype), None) if recipe == "paper"
                 else moments.template_and_spread(dtype)
             )  # fmt: skip
-        # as compute_level_scale, from the latents at hand
-        _, maxima = level_maxima(self.model, train, *self.stats["fused"])
-        self.level_scale = maxima.double().mean(0).to(train_images.dtype)
+        # as compute_level_scale, from the latents at hand (fused's are fused_peak's first L)
+        _, maxima = level_maxima(self.model, train, *self.stats["fused_peak"], "fused_peak")
+        self.level_scale = {
+            "fused_peak": maxima.double().mean(0).to(train_images.dtype),
+            "fused": maxima[:, :-1].double().mean(0).to(train_images.dtype),
+        }
 
     def _latents(self, images: torch.Tensor, view: int) -> list[torch.Tensor]:
         if view:
@@ -126,7 +131,7 @@ class Scorer:
             latents = self._latents(images, view)
             parts = [
                 score_latents(self.model, [z[part] for z in latents], template, spread, base,
-                              self.level_scale)
+                              self.level_scale.get(base))
                 for part in batch_slices(images.shape[0], 8)
             ]  # fmt: skip
             maps.append(undo_dihedral(torch.cat([m for m, _ in parts]), view))
@@ -202,9 +207,13 @@ def synthetic_defects(
     return torch.cat(out), np.concatenate(masks)
 
 
-def trained_detector(folder: Path, config: Config, cache: Path | None) -> tuple[Detector, float]:
-    """A detector trained on ``folder``; with ``cache``, reused from an earlier run with the
-    same data and settings (the file name holds every setting that changes training)."""
+def trained_detector(
+    folder: Path, config: Config, cache: Path | None
+) -> tuple[Detector, float, float]:
+    """(detector trained on ``folder``, training wall seconds, training CPU seconds of this
+    process); with ``cache``, reused from an earlier run with the same data and settings
+    (the file name holds every setting that changes training; the times are the run's that
+    trained it)."""
     key = "-".join(
         f"{name}{getattr(config, name)}"
         for name in ("image_size", "epochs", "seed", "augment", "levels", "stacks",
@@ -215,21 +224,25 @@ def trained_detector(folder: Path, config: Config, cache: Path | None) -> tuple[
         path = cache / folder.parent.name / folder.name / f"{key}.safetensors"
     if path is not None and path.exists():
         detector = Detector.load(path)
-        return detector, float(detector.info.get("suite_train_seconds", float("nan")))
-    start = time.perf_counter()
+        info = detector.info
+        return (detector, float(info.get("suite_train_seconds", float("nan"))),
+                float(info.get("suite_train_cpu_seconds", float("nan"))))  # fmt: skip
+    start, start_cpu = time.perf_counter(), time.process_time()
     detector = Detector(config).fit(folder)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         detector.info["suite_train_seconds"] = seconds
+        detector.info["suite_train_cpu_seconds"] = cpu_seconds
         detector.save(path)
-    return detector, seconds
+    return detector, seconds, cpu_seconds
 
 
 def suite_detector(
     folder: Path, category: str, seed: int, args: argparse.Namespace
-) -> tuple[Detector, float]:
-    """The suite's model of one category and seed (trained, or reused from ``--cache``)."""
+) -> tuple[Detector, float, float]:
+    """The suite's model of one category and seed (trained, or reused from ``--cache``), its
+    training wall and CPU seconds."""
     config = Config(
         image_size=args.size, epochs=args.epochs, seed=seed, augment=category in TEXTURES,
         levels=args.levels, stacks=args.stacks, channels=args.channels,
@@ -267,7 +280,7 @@ def suite_runs(args: argparse.Namespace) -> Iterator[tuple[Path, str, int]]:
 
 
 def run_category(folder: Path, category: str, seed: int, args: argparse.Namespace) -> dict:
-    detector, train_seconds = suite_detector(folder, category, seed, args)
+    detector, train_seconds, train_cpu_seconds = suite_detector(folder, category, seed, args)
     data = open_category(folder)
     n = len(data.train)
     fit_part, held_out = detector._split(n)
@@ -300,7 +313,8 @@ def run_category(folder: Path, category: str, seed: int, args: argparse.Namespac
     rows["auto"] = dict(rows[chosen])
     best_on_test = max(args.recipes, key=lambda r: rows[r]["pixel_auroc"] + rows[r]["image_auroc"])
     return {
-        "category": category, "seed": seed, "train_seconds": train_seconds, "recipes": rows,
+        "category": category, "seed": seed, "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds, "recipes": rows,
         "auto_choice": chosen, "auto_is_best_on_test": chosen == best_on_test,
         "synthetic_scores": picks,
     }  # fmt: skip

@@ -72,7 +72,7 @@ def relative_map(model, latents, template, spread, power: int = 1) -> torch.Tens
 
 @torch.no_grad()
 def run_category(folder: Path, category: str, seed: int, args: argparse.Namespace) -> dict:
-    detector, _ = suite_detector(folder, category, seed, args)
+    detector, *_ = suite_detector(folder, category, seed, args)
     model, config = detector.model.eval(), detector.model.config
     data = open_category(folder)
     fit_part, _ = detector._split(len(data.train))

@@ -50,10 +50,10 @@ class Prediction:
     """One image's result at the image's own resolution.
 
     ``anomaly_map``: float32 (H, W), higher is more anomalous. ``score``: the image score of
-    the scoring recipe (the map's maximum at model resolution, or for ``fused`` the levels'
-    fused maxima). ``mask``: bool (H, W), the map at or above the detector's
-    :meth:`~Detector.map_threshold`; ``is_anomalous``: the score at or above its threshold
-    (both ``None`` without one).
+    the scoring recipe (the map's maximum at model resolution, or for ``fused`` /
+    ``fused_peak`` the levels' fused maxima). ``mask``: bool (H, W), the map at or above
+    the detector's :meth:`~Detector.map_threshold`; ``is_anomalous``: the score at or
+    above its threshold (both ``None`` without one).
     """
 
     anomaly_map: np.ndarray
@@ -88,7 +88,8 @@ class Detector:
         self.model: PyramidFlow | None = None
         self.template: list[torch.Tensor] | None = None
         # the good images' standard deviation of every latent element (scoring "znorm",
-        # "relative", "fused") and mean maximum of every level's map ("fused")
+        # "relative", "fused", "fused_peak") and mean maximum of every level's map
+        # ("fused", and the peak's for "fused_peak")
         self.spread: list[torch.Tensor] | None = None
         self.level_scale: torch.Tensor | None = None
         self.threshold: float | None = None
@@ -168,7 +169,7 @@ class Detector:
             scores.numpy(), self.config.threshold_quantile
         )
         # masks and overlays compare map values, which are on the score's scale only when
-        # the score is the map's maximum (not for "fused"): the same rule over map maxima
+        # the score is the map's maximum (not for "fused*"): the same rule over map maxima
         map_threshold, _ = decision_threshold(
             maps.flatten(1).amax(1).numpy(), self.config.threshold_quantile
         )
@@ -246,7 +247,13 @@ class Detector:
             self.template = compute_template(model, images, device=self.device, progress=progress)
         if uses_level_scale(self.config.scoring):
             self.level_scale = compute_level_scale(
-                model, images, self.template, self.spread, device=self.device, progress=progress
+                model,
+                images,
+                self.template,
+                self.spread,
+                device=self.device,
+                progress=progress,
+                recipe=self.config.scoring,
             )
 
     def _evaluate_during_training(
@@ -377,8 +384,8 @@ class Detector:
     def map_threshold(self) -> float | None:
         """The map value at and above which a pixel is flagged (masks, overlay colours): the
         threshold's rule applied to the maps' maxima of the same held-out images. It equals
-        :attr:`threshold` when the recipe's score is the map's maximum (all but ``fused``,
-        and model files written before it existed)."""
+        :attr:`threshold` when the recipe's score is the map's maximum (all but ``fused``
+        and ``fused_peak``, and model files written before it existed)."""
         if self.threshold is None:
             return None
         value = self.info.get("map_threshold")

@@ -81,7 +81,7 @@ def stacked(batches: list[Any], field: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One model with the default scoring recipe (``fused``: template, spread and level
+    """One model with the default scoring recipe (``fused_peak``: template, spread and level
     scale) fitted for a few steps by anomalib's Engine, then tested and predicted on the
     datamodule's test split."""
     warnings.filterwarnings("ignore", module="lightning|anomalib|torchmetrics")
@@ -111,7 +111,7 @@ def test_engine_fits_tests_and_predicts_in_anomalibs_batch_format(fitted: dict) 
     # anomalib's post-processor thresholds them into labels and masks
     assert stacked(predicted, "pred_label").dtype == torch.bool
     assert stacked(predicted, "pred_mask").shape == maps.shape
-    assert fitted["model"].config.scoring == "fused"
+    assert fitted["model"].config.scoring == "fused_peak"
     assert fitted["model"].model.template_ready
     # anomalib's visualizer drew every test image (image, mask, map, predicted mask)
     drawn = list((fitted["root"] / "results").rglob("images/test/*/*.png"))
@@ -147,7 +147,9 @@ def test_template_is_the_librarys_at_the_end_of_fitting(fitted: dict) -> None:
         assert relative_error(ours, reference) < 1e-5
     for ours, reference in zip(model.model.spread() or [], spread, strict=True):
         assert relative_error(ours, reference) < 1e-5
-    level_scale = compute_level_scale(flow64, normalized, template, spread, batch_size=3)
+    level_scale = compute_level_scale(
+        flow64, normalized, template, spread, batch_size=3, recipe="fused_peak"
+    )
     assert relative_error(model.model.level_scale, level_scale) < 1e-5
 
 

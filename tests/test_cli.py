@@ -526,6 +526,6 @@ def test_evaluate_json_is_strict_when_a_metric_is_undefined(
     assert written["categories"]["good_only"]["pixel_auroc"] is None
     mean, defective = written["mean"], written["categories"]["disc"]
     assert mean["pixel_auroc"] == pytest.approx(defective["pixel_auroc"])  # None skipped
-    assert out.splitlines()[0] == "scoring: fused"  # the recipe the metrics come from
+    assert out.splitlines()[0] == "scoring: fused_peak"  # the recipe the metrics come from
     row = next(line for line in out.splitlines() if line.startswith("good_only"))
     assert "nan" in row  # the table shows the undefined value as nan

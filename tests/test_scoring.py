@@ -1,6 +1,7 @@
-"""The ``znorm``, ``relative`` and ``fused`` scoring recipes (docs/method.md section 8): the
-good images' spread of every latent element, the normalized and smoothed map, the level-fused
-image score, their checkpoint and export round trips; ``paper`` scoring stays the paper's map."""
+"""The ``znorm``, ``relative``, ``fused`` and ``fused_peak`` scoring recipes (docs/method.md
+section 8): the good images' spread of every latent element, the normalized and smoothed map,
+the level-fused image score, their checkpoint and export round trips; ``paper`` scoring stays
+the paper's map."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from pyramidflow.training.template import (
 )
 
 
-@pytest.fixture(scope="module", params=["znorm", "relative", "fused"])
+@pytest.fixture(scope="module", params=["znorm", "relative", "fused", "fused_peak"])
 def znorm(request, tiny_category: Path) -> Detector:
     """A detector trained with a recipe that uses the spread."""
     return Detector(TINY_CONFIG.replace(scoring=request.param)).fit(tiny_category)
@@ -83,6 +84,9 @@ def test_relative_template_and_spread_are_those_of_standardized_latents():
     template, spread = compute_template_and_spread(model, images, recipe="relative")
     with torch.no_grad():
         latents = model.eval()(images)
+    for recipe in ("fused", "fused_peak"):  # relative's maps, so relative's statistics
+        same = compute_template_and_spread(model, images, recipe=recipe)
+        assert all(map(torch.equal, [*template, *spread], [*same[0], *same[1]])), recipe
     for t, s, z in zip(template, spread, latents, strict=True):
         centred = z - z.mean(dim=(2, 3), keepdim=True)
         standardized = centred / centred.square().mean(dim=(2, 3), keepdim=True).sqrt()
@@ -105,9 +109,12 @@ def test_relative_scores_ignore_each_images_latent_offset_and_gain():
     offset = [torch.randn(3, 4, 1, 1, dtype=torch.float64) * 5 for _ in latents]
     moved = [z * g + o for z, g, o in zip(latents, gain, offset, strict=True)]
     scale = compute_level_scale(model, good, template, spread)
-    for recipe in ("relative", "fused"):
-        maps, scores = score_latents(model, latents, template, spread, recipe, scale)
-        moved_maps, moved_scores = score_latents(model, moved, template, spread, recipe, scale)
+    peak_scale = compute_level_scale(model, good, template, spread, recipe="fused_peak")
+    for recipe, level_scale in (("relative", None), ("fused", scale), ("fused_peak", peak_scale)):
+        maps, scores = score_latents(model, latents, template, spread, recipe, level_scale)
+        moved_maps, moved_scores = score_latents(
+            model, moved, template, spread, recipe, level_scale
+        )
         assert relative_error(moved_maps, maps) < 1e-12
         assert relative_error(moved_scores, scores) < 1e-12
     znorm_template, znorm_spread = compute_template_and_spread(model, good)
@@ -133,7 +140,7 @@ def test_spread_recipes_maps_are_the_normalized_composed_and_smoothed_residuals(
         expected = expected / expected.mean(dim=(1, 2), keepdim=True)
         assert relative_error(maps.mean(dim=(1, 2)), torch.ones(maps.shape[0])) < 1e-6
     assert relative_error(maps, expected) < 1e-6
-    if znorm.config.scoring != "fused":
+    if not znorm.config.scoring.startswith("fused"):
         assert torch.equal(scores, maps.flatten(1).amax(1))
         return
     # fused: each level's residual composed alone, made relative, its maximum over the good
@@ -145,7 +152,12 @@ def test_spread_recipes_maps_are_the_normalized_composed_and_smoothed_residuals(
         level_map, _ = znorm.model.anomaly_map(alone, alone_t)
         level_map = gaussian_blur(level_map, smoothing_sigma(znorm.config.image_size[0]))
         maxima.append((level_map / level_map.mean(dim=(1, 2), keepdim=True)).flatten(1).amax(1))
-    expected_scores = (torch.stack(maxima, 1) / znorm.level_scale).mean(1)
+    levels = len(scaled)
+    expected_scores = (torch.stack(maxima, 1) / znorm.level_scale[:levels]).mean(1)
+    if znorm.config.scoring == "fused_peak":
+        # or the unsmoothed relative map's peak over its good-image mean, when larger
+        peak = (raw / raw.mean(dim=(1, 2), keepdim=True)).flatten(1).amax(1)
+        expected_scores = torch.maximum(expected_scores, peak / znorm.level_scale[levels])
     assert relative_error(scores, expected_scores) < 1e-6
 
 
@@ -169,6 +181,17 @@ def test_fused_scores_of_the_good_images_average_one():
     bumped[0][0, :, 10:13, 10:13] += 40.0
     _, bumped_scores = score_latents(model, bumped, template, spread, "fused", scale)
     assert bumped_scores[0] > scores.max()
+    # fused_peak: the peak's scale is the good images' mean unsmoothed peak, so both of its
+    # ratios average 1 on them and its score (the larger) is at least the fused score
+    peak_scale = compute_level_scale(model, good, template, spread, recipe="fused_peak")
+    _, peak_maxima = level_maxima(model, latents, template, spread, "fused_peak")
+    assert peak_scale.shape == (config.levels + 1,)
+    assert relative_error(peak_scale, peak_maxima.mean(0)) < 1e-12
+    assert relative_error(peak_scale[:-1], scale) < 1e-12
+    _, peak_scores = score_latents(model, latents, template, spread, "fused_peak", peak_scale)
+    assert (peak_scores >= scores).all() and (peak_scores > scores).any()
+    _, bumped_peak = score_latents(model, bumped, template, spread, "fused_peak", peak_scale)
+    assert bumped_peak[0] > peak_scores.max()
 
 
 def test_paper_scoring_is_the_plain_residual_map(tiny_model, tiny_category):
@@ -206,7 +229,7 @@ def test_znorm_checkpoint_round_trip_and_missing_spread(znorm, tiny_category, tm
     save_checkpoint(broken, checkpoint.model, checkpoint.template, checkpoint.info, bad)
     with pytest.raises(CheckpointError, match="positive and finite"):
         Detector.load(broken)
-    if znorm.config.scoring != "fused":
+    if not znorm.config.scoring.startswith("fused"):
         return
     assert torch.equal(loaded.level_scale, znorm.level_scale)
     extras = {k: v for k, v in checkpoint.extra_tensors.items() if k != LEVEL_SCALE_KEY}
@@ -244,7 +267,7 @@ def test_scoring_flag_trains_and_evaluate_names_the_recipe(tiny_category, tmp_pa
     capsys.readouterr()
     assert main(["evaluate", str(model), str(data), "--no-progress"]) == 0
     assert "scoring: relative" in capsys.readouterr().out
-    assert Config().scoring == "fused"
+    assert Config().scoring == "fused_peak"
 
 
 def test_masks_compare_the_map_with_a_threshold_on_the_maps_scale(znorm, tiny_category):
@@ -258,7 +281,7 @@ def test_masks_compare_the_map_with_a_threshold_on_the_maps_scale(znorm, tiny_ca
     expected, _ = decision_threshold(maps.flatten(1).amax(1).numpy(), quantile)
     assert znorm.map_threshold() == expected
     assert znorm.threshold == decision_threshold(scores.numpy(), quantile)[0]
-    if znorm.config.scoring != "fused":
+    if not znorm.config.scoring.startswith("fused"):
         assert znorm.map_threshold() == znorm.threshold
     image = next((tiny_category / "test").glob("*/*.png"))
     prediction = znorm.predict(image)

@@ -103,8 +103,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=SCORINGS,
         help="anomaly map recipe: paper (|z - T|, the paper's), znorm (residuals over the "
         "good images' spread, smoothed), relative (znorm on per-image standardized latents, "
-        "the map over its own mean) or fused (default: relative's map, the image score fused "
-        "over the pyramid levels); docs/method.md section 8",
+        "the map over its own mean), fused (relative's map, the image score fused over the "
+        "pyramid levels) or fused_peak (default: fused, or the unsmoothed relative map's "
+        "peak when that stands out more); docs/method.md section 8",
     )
     g.add_argument(
         "--backend",

@@ -31,6 +31,7 @@ from ..config import IMAGENET_MEAN, IMAGENET_STD, Config
 from ..errors import PyramidFlowError
 from ..model.flow import PyramidFlow, level_sizes
 from ..model.scoring import (
+    level_scale_size,
     recipe_latents,
     score_latents,
     uses_level_scale,
@@ -73,7 +74,8 @@ class PyramidflowModel(nn.Module):
         self.needs_spread = uses_spread(config.scoring)
         self.needs_level_scale = uses_level_scale(config.scoring)
         if self.needs_level_scale:
-            self.register_buffer("level_scale", torch.ones(config.levels))
+            size = level_scale_size(config.scoring, config.levels)
+            self.register_buffer("level_scale", torch.ones(size))
         for level, (h, w) in enumerate(level_sizes(config.image_size, config.levels)):
             self.register_buffer(f"template_{level}", torch.zeros(config.channels, h, w))
             if self.needs_spread:
@@ -131,10 +133,11 @@ class Pyramidflow(AnomalibModule):
     ``kernel_size``, ``volume_norm`` ("CVN" or "SVN"), ``image_size`` (the pre-processor
     resizes to it; multiples of 2^(levels-1)), ``clamp``, ``memory`` ("recompute": training
     memory constant in depth; "store": plain autograd), ``backend`` ("auto", "torch",
-    "triton"), ``scoring`` ("paper", "znorm", "relative" or "fused"), the optimizer's ``lr``,
-    ``betas``, ``eps``, ``weight_decay``, the gradient-norm clip ``grad_clip``, the texture
-    ``augment``ation (flips, rot90) and the ``seed`` of its draws. ``pre_processor`` ...
-    ``visualizer`` are anomalib's (True: the defaults, False: none, or an instance).
+    "triton"), ``scoring`` ("paper", "znorm", "relative", "fused" or "fused_peak"), the
+    optimizer's ``lr``, ``betas``, ``eps``, ``weight_decay``, the gradient-norm clip
+    ``grad_clip``, the texture ``augment``ation (flips, rot90) and the ``seed`` of its
+    draws. ``pre_processor`` ... ``visualizer`` are anomalib's (True: the defaults,
+    False: none, or an instance).
     """
 
     def __init__(
@@ -148,7 +151,7 @@ class Pyramidflow(AnomalibModule):
         clamp: float = 2.0,
         memory: str = "recompute",
         backend: str = "auto",
-        scoring: str = "fused",
+        scoring: str = "fused_peak",
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.9),
         eps: float = 1e-4,
@@ -301,7 +304,7 @@ class Pyramidflow(AnomalibModule):
         training images (a second pass, with the new template and spread)."""
         total, count = sum_level_maxima(
             self.model.flow, self._training_images(), self.model.template(),
-            self.model.spread() or [],
+            self.model.spread() or [], self.model.recipe,
         )  # fmt: skip
         self.model.level_scale.copy_(total / count.clamp_min(1))
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from ..config import Config
 from ..errors import PyramidFlowError
 from ..model.flow import PyramidFlow, level_sizes
+from ..model.scoring import level_scale_size
 from .atomic import atomic_write
 
 FORMAT_NAME = "pyramidflow"
@@ -264,8 +265,9 @@ def spread_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> 
 
 
 def level_scale_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> torch.Tensor:
-    """The ``fused`` scoring recipe's level scale (the good images' mean maximum of every
-    level's map, (L,)) from a checkpoint's extra tensors, checked against the model."""
+    """The ``fused`` / ``fused_peak`` scoring recipe's level scale (the good images' mean
+    maximum of every level's map, (L,), and for ``fused_peak`` that of the unsmoothed
+    relative map last) from a checkpoint's extra tensors, checked against the model."""
     tensor = checkpoint.extra_tensors.get(LEVEL_SCALE_KEY)
     if tensor is None:
         raise CheckpointError(
@@ -273,9 +275,12 @@ def level_scale_from_extras(checkpoint: Checkpoint, path: str | os.PathLike[str]
             "file lacks; retrain, or set the config's scoring to 'relative' or 'paper'"
         )
     levels = checkpoint.config.levels
+    size = level_scale_size(checkpoint.config.scoring, levels)
     usable = bool(torch.isfinite(tensor).all() & (tensor > 0).all())
-    if tuple(tensor.shape) != (levels,) or not usable:
+    if tuple(tensor.shape) != (size,) or not usable:
+        what = "one per level" if size == levels else "one per level and the peak's"
         raise CheckpointError(
-            f"{path}: {LEVEL_SCALE_KEY} must be {levels} positive finite numbers (one per level)"
+            f"{path}: {LEVEL_SCALE_KEY} must be {size} positive finite numbers ({what}) for "
+            f"scoring {checkpoint.config.scoring!r}"
         )
     return tensor

@@ -1,6 +1,6 @@
 """Anomaly maps and image scores of an image batch against a latent template.
 
-Four recipes (``Config.scoring``, docs/method.md section 8):
+Five recipes (``Config.scoring``, docs/method.md section 8):
 
 - ``paper``: map = mean_c Compose(|z - T|) at the input size, score = max of the map;
 - ``znorm``: every latent element's residual divided by the good images' standard
@@ -16,7 +16,13 @@ Four recipes (``Config.scoring``, docs/method.md section 8):
   residual composed alone into a map (blurred, over its own mean, as ``relative``), its
   maximum divided by that level's mean maximum over the good training images
   (``level_scale``), averaged over the levels. A defect that only one scale sees is not
-  drowned by the maximum of the summed map, and no level dominates by its typical size.
+  drowned by the maximum of the summed map, and no level dominates by its typical size;
+- ``fused_peak``: ``fused``'s map; image score = the larger of two ratios to the good
+  training images' mean: ``fused``'s score and the peak of the unsmoothed ``relative`` map
+  over its good-image mean (``level_scale`` holds the L level scales and that mean). The
+  smoothing and the level averaging that make the map and ``fused`` robust blur out a few
+  pixels of strong evidence (small specks, thin scratches at full resolution); the peak
+  keeps them.
 """
 
 from __future__ import annotations
@@ -46,7 +52,12 @@ def uses_spread(recipe: str) -> bool:
 
 def uses_level_scale(recipe: str) -> bool:
     """Whether a scoring recipe needs the good images' mean maximum of every level's map."""
-    return uses_spread(recipe) and recipe == "fused"
+    return uses_spread(recipe) and recipe in ("fused", "fused_peak")
+
+
+def level_scale_size(recipe: str, levels: int) -> int:
+    """Length of a recipe's level scale: one per level, plus the peak's for ``fused_peak``."""
+    return levels + (recipe == "fused_peak")
 
 
 def standardize_per_image(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -62,7 +73,7 @@ def standardize_per_image(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]
 def recipe_latents(latents: Sequence[torch.Tensor], recipe: str) -> list[torch.Tensor]:
     """The latents a recipe compares with its template (and from which the template and
     spread of that recipe are computed)."""
-    if recipe in ("relative", "fused"):
+    if recipe in ("relative", "fused", "fused_peak"):
         return standardize_per_image(latents)
     return list(latents)
 
@@ -97,10 +108,13 @@ def smoothing_sigma(height: int) -> float:
     return SMOOTHING_PX_PER_256 * height / 256
 
 
+def _over_mean(amap: torch.Tensor) -> torch.Tensor:
+    return amap / amap.mean(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(amap.dtype).tiny)
+
+
 def _relative_map(amap: torch.Tensor) -> torch.Tensor:
     """A composed map smoothed and divided by its own mean (the ``relative`` map)."""
-    amap = gaussian_blur(amap, smoothing_sigma(amap.shape[-2]))
-    return amap / amap.mean(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(amap.dtype).tiny)
+    return _over_mean(gaussian_blur(amap, smoothing_sigma(amap.shape[-2])))
 
 
 def _normalized_residuals(
@@ -121,10 +135,12 @@ def level_maxima(
     latents: Sequence[torch.Tensor],
     template: Sequence[torch.Tensor],
     spread: Sequence[torch.Tensor],
+    recipe: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the ``fused`` map (B, H, W), maxima (B, L)): every level's normalized residual
+    """(the ``fused`` map (B, H, W), maxima (B, n)): every level's normalized residual
     composed alone (the other levels zero), each such map made relative and its maximum
-    taken; the map is the relative map of their sum (the composition is linear)."""
+    taken; the map is the relative map of their sum (the composition is linear).
+    ``fused_peak``: n = L + 1, the last the maximum of the unsmoothed relative map."""
     latents, template = _normalized_residuals(latents, template, spread, "fused")
     total, maxima = None, []
     for level in range(len(latents)):
@@ -133,7 +149,19 @@ def level_maxima(
         amap, _ = model.anomaly_map(only_z, only_t)
         total = amap if total is None else total + amap
         maxima.append(_relative_map(amap).flatten(1).amax(1))
+    if recipe == "fused_peak":
+        maxima.append(_over_mean(total).flatten(1).amax(1))
     return _relative_map(total), torch.stack(maxima, 1)
+
+
+def fused_score(maxima: torch.Tensor, level_scale: torch.Tensor, recipe: str) -> torch.Tensor:
+    """Image scores (B,) from :func:`level_maxima`'s maxima and the good images' means of
+    them: the mean of the level ratios (``fused``), or the larger of that and the peak's
+    ratio (``fused_peak``)."""
+    ratios = maxima / level_scale.to(maxima)
+    if recipe == "fused_peak":
+        return torch.maximum(ratios[:, :-1].mean(1), ratios[:, -1])
+    return ratios.mean(1)
 
 
 @torch.no_grad()
@@ -160,8 +188,8 @@ def score_latents(
     if uses_level_scale(recipe):
         if level_scale is None:
             raise ValueError(f"scoring {recipe!r} needs the good images' level scale")
-        amap, maxima = level_maxima(model, latents, template, spread)
-        return amap, (maxima / level_scale.to(maxima)).mean(1)
+        amap, maxima = level_maxima(model, latents, template, spread, recipe)
+        return amap, fused_score(maxima, level_scale, recipe)
     latents, template = _normalized_residuals(latents, template, spread, recipe)
     amap, _ = model.anomaly_map(latents, template)
     if recipe == "relative":

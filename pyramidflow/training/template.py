@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config
 from ..model.flow import PyramidFlow, level_sizes
-from ..model.scoring import batch_slices, level_maxima, recipe_latents
+from ..model.scoring import batch_slices, level_maxima, level_scale_size, recipe_latents
 from ..progress import progress_bar
 from . import distributed
 
@@ -152,15 +152,17 @@ def sum_level_maxima(
     batches: Iterable[torch.Tensor],
     template: Sequence[torch.Tensor],
     spread: Sequence[torch.Tensor],
+    recipe: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 (sum over the images of every level's map maximum (L,), image count (1,))
-    of image batches on the model's device
+    """Float64 (sum over the images of the recipe's maxima (L, or L + 1 for
+    ``fused_peak``), image count (1,)) of image batches on the model's device
     (:func:`~pyramidflow.model.scoring.level_maxima`)."""
     device = template[0].device
-    total = torch.zeros(len(template), dtype=torch.float64, device=device)
+    size = level_scale_size(recipe, len(template))
+    total = torch.zeros(size, dtype=torch.float64, device=device)
     count = torch.zeros(1, dtype=torch.float64, device=device)
     for images in batches:
-        _, maxima = level_maxima(model, model(images), template, spread)
+        _, maxima = level_maxima(model, model(images), template, spread, recipe)
         total += maxima.sum(0, dtype=torch.float64)
         count += maxima.shape[0]
     return total, count
@@ -176,9 +178,11 @@ def compute_level_scale(
     device: str | torch.device = "cpu",
     progress: bool = False,
     data_parallel: bool | None = None,
+    recipe: str = "fused",
 ) -> torch.Tensor:
     """The ``fused`` recipe's level scale (L,): every level's map maximum averaged over the
-    images in float64, in the images' dtype; data-parallel as :func:`compute_template`."""
+    images in float64, in the images' dtype (``fused_peak``: (L + 1,), the unsmoothed
+    relative map's maximum last); data-parallel as :func:`compute_template`."""
     if images.shape[0] == 0:
         raise ValueError("the level scale needs at least one training image")
     if data_parallel is None:
@@ -192,6 +196,7 @@ def compute_level_scale(
         (mine[part].to(device) for part in slices),
         [t.to(device) for t in template],
         [s.to(device) for s in spread],
+        recipe,
     )
     if data_parallel:
         distributed.all_reduce_sum_([total, count])
