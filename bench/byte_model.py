@@ -229,6 +229,13 @@ KERNELS: dict[str, KernelInfo] = {
         lambda s: 7 * s.elements + s.batch * s.plane,
         "read z, h, grad x (4A), write grad z, grad h (3A), B a VN partials",
     ),
+    "coupling_recompute": KernelInfo(
+        "_coupling_recompute_kernel", "affine_coupling_recompute",
+        "inverse + recompute y + grads x, h, W (+ CVN batch mean)",
+        lambda s: 9 * s.elements + s.batch * s.plane,
+        "read z, h, grad z (4A) and every image's s for the CVN mean (A; the B-1 repeats "
+        "from the cache), write x, grad x, grad h (4A), B a VN partials",
+    ),
     "vn_grad": KernelInfo(
         "_vn_grad_kernel", "affine_coupling backward (training)",
         "VN batch-mean correction + clamp'",

@@ -263,6 +263,10 @@ def _coupling_scenarios(
         f"affine_coupling_inverse backward {tag}",
         lambda: ct._inverse_backward_impl(x, x, h, weight, mean, *options),
     )
+    yield (
+        f"affine_coupling_recompute {tag}",
+        lambda: ct._recompute_impl(x, x, h, weight, mean, *options),
+    )
 
 
 def record_launches(

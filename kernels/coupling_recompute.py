@@ -1,11 +1,11 @@
-"""Triton implementation of ``affine_coupling_recompute``: two registered coupling ops.
+"""Triton implementation of ``affine_coupling_recompute``: the registered op
+``pyramidflow::affine_coupling_recompute`` (``coupling_triton._recompute_impl``).
 
-The step of a recompute backward for one coupling is the inverse (``pyramidflow::
-affine_coupling_inverse``, which also returns the VN mean it subtracted: in training one
-batch reduction of ``h``) followed by the fused backward (``pyramidflow::
-affine_coupling_backward``) given that mean. So the VN mean is reduced once, and the
-forward coupling is not run again just to build an autograd graph: 4 kernel launches in
-training (VN sum, inverse, backward, VN gradient correction), 2 in eval.
+One step of a recompute backward for one coupling is one fused kernel: the inverse, then
+the forward's backward from the rebuilt x, without re-running the forward for a graph.
+In training it is followed by the VN gradient correction; the CVN batch mean is reduced
+inside the fused kernel for batches of 2 to 4 (2 launches), else by the VN sum kernel first,
+as is SVN's (3 launches: its mean spans every pixel). 1 launch in eval.
 """
 
 from __future__ import annotations
@@ -30,12 +30,8 @@ def affine_coupling_recompute(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h, grad_weight)`` exactly as
     :func:`coupling_reference.affine_coupling_recompute`."""
-    options = (volume_norm, bool(training), float(clamp))
     with torch.no_grad():
-        x, mean = torch.ops.pyramidflow.affine_coupling_inverse(
-            z, h, weight, running_mean, *options
-        )
-        grad_x, grad_h, grad_weight = torch.ops.pyramidflow.affine_coupling_backward(
-            grad_z, None, x, h, weight, mean, *options
+        x, grad_x, grad_h, grad_weight = torch.ops.pyramidflow.affine_coupling_recompute(
+            z, grad_z, h, weight, running_mean, volume_norm, bool(training), float(clamp)
         )
     return x, grad_x, grad_h, grad_weight

@@ -8,7 +8,10 @@ Same signatures and semantics as :mod:`coupling_reference` (the oracle). Per cal
 - ``_coupling_fwd_kernel``: one pass over a tile of target pixels, all channels: soft
   clamp, VN subtraction, nearest pick of every k-th parameter pixel, exp, affine, and
   the C x C mixing (an unrolled exact fp32 FMA reduction over input channels), storing z;
-- ``_coupling_inv_kernel``: the inverse (W^-1 from torch in float64) in one pass.
+- ``_coupling_inv_kernel``: the inverse (W^-1 from torch in float64) in one pass;
+- ``_coupling_recompute_kernel``: one step of the recompute backward, the inverse and then
+  the forward's backward from the x it stores, in one pass (for CVN at batch 2-4 it also
+  reduces the VN batch mean at its pixels, so no ``_vn_sum_kernel`` launch).
 
 Backward recomputes y from the saved inputs (nothing per pixel is saved): one kernel
 writes the grads of x (or z), both halves of h, and per-program partial sums of the
@@ -33,13 +36,18 @@ from ._backend import interpreting
 from ._triton_utils import acc_dtype, launch, register_op
 from .coupling_reference import SOFT_CLAMP_GAIN, inverse_matrix, vn_dims
 
-__all__ = ["affine_coupling", "affine_coupling_inverse"]
+__all__ = ["affine_coupling", "affine_coupling_inverse"]  # and the registered ops
 
 _TILE_ELEMENTS = 4096  # channels x pixels held by one forward program
 _MAX_BLOCK_P = 1024
 _LANES = 32 * 4  # threads of a program (4 warps, Triton's default)
 _CHUNK = 16  # float32 channels per run-time chunk of the coupling kernels (not VN passes)
 _CHUNK_BUDGET = 16  # 4-byte elements of each [chunk, BLOCK_P] tile per thread (~6 live)
+# Largest batch whose CVN mean the recompute kernel reduces itself: each program reads the
+# s rows of all B images at its pixels (B times _vn_sum_kernel's reads, the repeats from
+# the cache: the programs of one tile are adjacent); larger batches launch _vn_sum_kernel.
+# So does B = 1 (a Triton constant then): that specialization spilled 8 B on sm_80.
+_MEAN_HERE_MAX_BATCH = 4
 
 # --------------------------------------------------------------------------- kernels
 
@@ -267,11 +275,13 @@ def _coupling_inv_kernel(
     CP output channels (CP <= 16: z rows are re-read once per chunk, from the cache)."""
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = _param_offsets(p, W, WP, KH, KW)
     for first in range(0, C, CP):
         rows = first + tl.arange(0, CP)
         u = _inverse_mix(z_ptr, winv_ptr, b, p, rows, C, HW, ACC, BLOCK_P)
-        _, log_scale, shift = _load_log_scale_shift(
-            h_ptr, mean_ptr, b, p, rows, C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, ACC
+        mean = _vn_mean_at(mean_ptr, q, p, rows, C, HW, CVN, ACC)
+        _, log_scale, shift = _log_scale_shift(
+            h_ptr, mean, b, p, q, rows, C, HW, HWP, clamp, GAIN, ACC
         )
         x = (u - shift) * tl.exp(-log_scale)
         out = x_ptr + (b * C + rows[:, None]) * HW + p[None, :]
@@ -319,6 +329,129 @@ def _coupling_inv_bwd_kernel(
         g_s_sum += _store_h_grads(
             gh_ptr, gpart_ptr, b, tile, n_tiles, p, rows, -g_u * (u - shift), -g_u, s_raw,
             C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, FINAL,
+        )  # fmt: skip
+    if CVN and not FINAL:
+        tl.store(gpart_ptr + b * HW + p, g_s_sum, mask=pm)
+
+
+@triton.jit
+def _vn_mean_at(
+    mean_ptr, q, p, ch, C, HW, CVN: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The subtracted VN mean, broadcastable to [len(ch), BLOCK_P] tiles: CVN at parameter
+    pixels q ([1, BLOCK_P]), SVN per channel ch ([CP, 1])."""
+    if CVN:
+        mean = tl.load(mean_ptr + q, mask=p < HW, other=0.0).to(ACC)[None, :]
+    else:
+        mean = tl.load(mean_ptr + ch, mask=ch < C, other=0.0).to(ACC)[:, None]
+    return mean
+
+
+@triton.jit
+def _log_scale_shift(
+    h_ptr, mean, b, p, q, ch, C, HW, HWP, clamp, GAIN: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """[CP, BLOCK_P] tiles of s_raw, VN-centred log-scale s and shift t at target pixels p
+    (parameter pixels q) of image b (int64), given the subtracted mean (broadcastable)."""
+    mask = (ch[:, None] < C) & (p[None, :] < HW)
+    # plane starts in int64 ([CP, 1] columns: 2C HWP passes 2^31 at C = 64, 8192 px)
+    s_rows = h_ptr + (b * (2 * C) + ch[:, None]) * HWP
+    t_rows = h_ptr + (b * (2 * C) + C + ch[:, None]) * HWP
+    s_raw = tl.load(s_rows + q[None, :], mask=mask, other=0.0).to(ACC)
+    shift = tl.load(t_rows + q[None, :], mask=mask, other=0.0).to(ACC)
+    log_scale = tl.where(mask, _soft_clamp(s_raw, clamp, GAIN) - mean, 0.0)
+    return s_raw, log_scale, shift
+
+
+@triton.jit
+def _forward_grads_chunk(
+    x, s_raw, log_scale, shift, gz_ptr, w_ptr, gx_ptr, gh_ptr, wpart, gpart_ptr,
+    b, tile, n_tiles, p, rows, C, HW, W, HWP, WP, clamp,
+    CVN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, GAIN: tl.constexpr,
+    FINAL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """The forward coupling's grads for input channels ``rows`` of a tile (y recomputed
+    from x): grad x and grad h stored, the chunk's rows of the weight gradient's per-program
+    partials stored; returns the per-pixel sum of g_s over ``rows`` (CVN correction)."""
+    pm = p < HW
+    scale = tl.exp(log_scale)
+    y = scale * x + shift
+    g_y = tl.zeros([rows.shape[0], BLOCK_P], dtype=ACC)
+    g_o_ptr = gz_ptr + b * C * HW + p  # stepped by HW
+    for o in range(C):
+        g_o = tl.load(g_o_ptr, mask=pm, other=0.0).to(ACC)
+        w_row = tl.load(w_ptr + o * C + rows, mask=rows < C, other=0.0).to(ACC)
+        g_y += w_row[:, None] * g_o[None, :]
+        tl.store(wpart + o * C + rows, tl.sum(y * g_o[None, :], axis=1), mask=rows < C)
+        g_o_ptr += HW
+    g_x = (g_y * scale).to(gx_ptr.dtype.element_ty)
+    planes = (b * C + rows[:, None]) * HW  # int64 plane starts, [CP, 1]
+    tl.store(gx_ptr + planes + p[None, :], g_x, mask=(rows[:, None] < C) & pm[None, :])
+    return _store_h_grads(
+        gh_ptr, gpart_ptr, b, tile, n_tiles, p, rows, g_y * scale * x, g_y, s_raw,
+        C, HW, W, HWP, WP, clamp, CVN, KH, KW, GAIN, FINAL,
+    )  # fmt: skip
+
+
+@triton.jit
+def _cvn_batch_mean(
+    h_ptr, q, pm, B, C, HWP, clamp,
+    GAIN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """The CVN batch mean of soft_clamp(s_raw) at parameter pixels q: the sum over every
+    image and channel, over B C (run-time loops, int64 plane starts)."""
+    total = tl.zeros([BLOCK_P], dtype=ACC)
+    plane_size = tl.full([], 1, tl.int64) * HWP  # int64: 2C HWP passes 2^31
+    for image in range(B):
+        for channel in range(C):
+            row = image * (2 * C) + channel  # the s rows of h
+            s_raw = tl.load(h_ptr + row * plane_size + q, mask=pm, other=0.0).to(ACC)
+            total += _soft_clamp(s_raw, clamp, GAIN)  # 0 where masked
+    return total / (B * C)
+
+
+@triton.jit
+def _coupling_recompute_kernel(
+    z_ptr, h_ptr, winv_ptr, w_ptr, mean_ptr, gz_ptr, x_ptr, gx_ptr, gh_ptr, wpart_ptr,
+    gpart_ptr, B, C, HW, W, HWP, WP, n_tiles, clamp,
+    CP: tl.constexpr, CVN: tl.constexpr, MEAN_HERE: tl.constexpr, KH: tl.constexpr,
+    KW: tl.constexpr, GAIN: tl.constexpr, FINAL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """One step of the recompute backward for a tile of pixels of one image: the inverse
+    x = (W^-1 z - t) exp(-s), stored, then from the stored x exactly what
+    ``_coupling_bwd_kernel`` computes (y recomputed, grads of x, h and W), in run-time
+    chunks of CP channels. MEAN_HERE (CVN in training): the VN batch mean at the tile's
+    parameter pixels is reduced here, over every image and channel, instead of by
+    ``_vn_sum_kernel``. Grid (batch, tiles): the programs of one tile are adjacent, so
+    the other images' s rows come from the cache."""
+    b = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = p < HW
+    q = _param_offsets(p, W, WP, KH, KW)
+    if MEAN_HERE:
+        mean_pix = _cvn_batch_mean(h_ptr, q, pm, B, C, HWP, clamp, GAIN, ACC, BLOCK_P)
+    g_s_sum = tl.zeros([BLOCK_P], dtype=ACC)
+    wpart = wpart_ptr + (b * n_tiles + tile) * C * C
+    for first in range(0, C, CP):
+        rows = first + tl.arange(0, CP)
+        mask = (rows[:, None] < C) & pm[None, :]
+        u = _inverse_mix(z_ptr, winv_ptr, b, p, rows, C, HW, ACC, BLOCK_P)
+        if MEAN_HERE:
+            mean = mean_pix[None, :]
+        else:
+            mean = _vn_mean_at(mean_ptr, q, p, rows, C, HW, CVN, ACC)
+        s_raw, log_scale, shift = _log_scale_shift(
+            h_ptr, mean, b, p, q, rows, C, HW, HWP, clamp, GAIN, ACC
+        )
+        # rounded to x's dtype as stored, so the grads equal the two-kernel path's
+        x = ((u - shift) * tl.exp(-log_scale)).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + (b * C + rows[:, None]) * HW + p[None, :], x, mask=mask)
+        g_s_sum += _forward_grads_chunk(
+            x.to(ACC), s_raw, log_scale, shift, gz_ptr, w_ptr, gx_ptr, gh_ptr, wpart,
+            gpart_ptr, b, tile, n_tiles, p, rows, C, HW, W, HWP, WP, clamp,
+            CVN, KH, KW, GAIN, FINAL, ACC, BLOCK_P,
         )  # fmt: skip
     if CVN and not FINAL:
         tl.store(gpart_ptr + b * HW + p, g_s_sum, mask=pm)
@@ -402,6 +535,7 @@ class _Geometry:
         # registers, bench/gpu_build_check.py --shapes range); the inverse's backward
         # keeps more tiles live (u, z rows, grad u and both reductions): half
         self.chunk = min(self.cp, _CHUNK if size <= 4 else _CHUNK // 4)
+        # (the fused recompute kernel too: at the backward's rows it spilled 8 B)
         self.chunk_inv_bwd = max(1, self.chunk // 2)
         # the forward's backward in float64: 2 rows (4 spilled 8 B at k = 2 on sm_90)
         self.chunk_bwd = self.chunk if size <= 4 else self.chunk_inv_bwd
@@ -597,6 +731,42 @@ def _inverse_backward_impl(
     return grad_z, grad_h, grad_w.to(weight.dtype)
 
 
+def _recompute_impl(
+    z: torch.Tensor,
+    grad_z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, grads x, h, weight) of one recompute step: one fused launch, plus in training
+    the VN gradient correction and, unless the fused kernel reduces the CVN mean itself,
+    the VN batch sum."""
+    z, h, weight, grad_z = z.contiguous(), h.contiguous(), weight.contiguous(), grad_z.contiguous()
+    geo, cvn = _Geometry(z, h, weight), _is_cvn(volume_norm)
+    mean_here = training and cvn and 2 <= geo.batch <= _MEAN_HERE_MAX_BATCH
+    if mean_here:
+        mean = torch.empty(1, device=h.device, dtype=h.dtype)  # not read
+    else:
+        mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
+    x, grad_x = torch.empty_like(z), torch.empty_like(z)
+    grad_h, wpart, gpart = _grad_buffers(h, geo, cvn, training)
+    launch(
+        _coupling_recompute_kernel, (geo.batch, geo.tiles_chunk),
+        z, h, _inverse_weight(weight), weight, mean, grad_z, x, grad_x, grad_h, wpart, gpart,
+        geo.batch, geo.channels, geo.hw, geo.width, geo.hwp, geo.wp, geo.tiles_chunk, clamp,
+        CP=geo.chunk_inv_bwd, CVN=cvn, MEAN_HERE=mean_here, KH=geo.kh, KW=geo.kw,
+        GAIN=SOFT_CLAMP_GAIN, FINAL=not training, ACC=acc_dtype(z.dtype),
+        BLOCK_P=geo.block_chunk,
+    )  # fmt: skip
+    if training:
+        _finish_vn_grad(grad_h, h, gpart, None, geo, cvn, clamp)
+    grad_w = wpart.sum(dim=0).view(geo.channels, geo.channels)
+    return x, grad_x, grad_h, grad_w.to(weight.dtype)
+
+
 # --------------------------------------------------------------------------- registration
 
 
@@ -658,6 +828,20 @@ def _inverse_backward_fn(
     return _inverse_backward_impl(grad_x, z, h, weight, mean, volume_norm, training, clamp)
 
 
+def _recompute_fn(
+    z: torch.Tensor,
+    grad_z: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    volume_norm: str,
+    training: bool,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (x, grad x, grad h, grad weight); not differentiable (it is a backward)."""
+    return _recompute_impl(z, grad_z, h, weight, running_mean, volume_norm, training, clamp)
+
+
 def _setup(ctx, inputs, output) -> None:
     """Save the op's inputs and the subtracted VN mean (small); y is recomputed."""
     first, h, weight, _, volume_norm, training, clamp = inputs
@@ -686,6 +870,7 @@ _inverse_backward_op = register_op("affine_coupling_inverse_backward", _inverse_
 _coupling_op = register_op(
     "affine_coupling", _coupling_fn, backward=_coupling_backward, setup_context=_setup
 )
+_recompute_op = register_op("affine_coupling_recompute", _recompute_fn)
 _inverse_op = register_op(
     "affine_coupling_inverse", _inverse_fn, backward=_inverse_backward, setup_context=_setup
 )

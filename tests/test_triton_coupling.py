@@ -21,7 +21,11 @@ pytest.importorskip("triton", reason="Triton does not import: the Triton kernels
 
 import pyramidflow_kernels  # noqa: E402
 from conftest import op_test_device  # noqa: E402
-from pyramidflow_kernels import coupling_reference, coupling_triton  # noqa: E402
+from pyramidflow_kernels import (  # noqa: E402
+    coupling_recompute,
+    coupling_reference,
+    coupling_triton,
+)
 from pyramidflow_kernels.testing import relative_error  # noqa: E402
 
 TOL = 1e-5
@@ -146,6 +150,54 @@ def test_float64_kernels_match_reference_to_float64_precision(inverse):
     (ref * grad.to(DEVICE)).sum().backward()
     for name, mine, expected in zip(("x", "h", "weight"), ours, theirs, strict=True):
         assert relative_error(mine.grad, expected.grad) <= 1e-7, f"grad {name}"
+
+
+@pytest.mark.parametrize(
+    "channels, batch, stride, volume_norm, training",
+    [
+        (3, 2, 1, "CVN", True),  # CVN mean reduced in the fused kernel (B 2..4)
+        (16, 3, 1, "CVN", True),
+        (3, 1, 1, "CVN", True),  # B = 1 and B > 4: the VN sum kernel first
+        (16, 5, 1, "CVN", True),
+        (5, 2, 2, "CVN", True),
+        (5, 2, 2, "SVN", True),
+        (20, 2, 1, "CVN", True),  # two channel chunks
+        (16, 2, 1, "CVN", False),
+        (5, 2, 2, "SVN", False),
+    ],
+)
+def test_recompute_step_matches_reference(channels, batch, stride, volume_norm, training):
+    """The fused recompute kernel (inverse, then the forward's backward at the rebuilt x)
+    gives the reference's x and gradients, and x undoes the forward."""
+    x, h, weight, running_mean = make_inputs(channels, batch, stride, volume_norm, seed=2)
+    options = {"volume_norm": volume_norm, "training": training}
+    with torch.no_grad():
+        z, _ = coupling_triton.affine_coupling(x, h, weight, running_mean, **options)
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    ours = coupling_recompute.affine_coupling_recompute(z, grad_z, h, weight, running_mean,
+                                                        **options)  # fmt: skip
+    wide = (t.double() for t in (z, grad_z, h, weight, running_mean))
+    theirs = coupling_reference.affine_coupling_recompute(*wide, **options)
+    assert relative_error(ours[0], x) <= TOL
+    for name, mine, expected in zip(("x", "grad x", "grad h", "grad weight"), ours, theirs,
+                                    strict=True):  # fmt: skip
+        assert mine.dtype == torch.float32
+        assert relative_error(mine, expected) <= TOL, name
+
+
+def test_recompute_step_in_float64_matches_reference_to_float64_precision():
+    x, h, weight, running_mean = (t.double() for t in make_inputs(6, 2, 1, "CVN", seed=5))
+    options = {"volume_norm": "CVN", "training": True}
+    z, _ = coupling_reference.affine_coupling(x, h, weight, running_mean, **options)
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    grad_z = grad_z.to(DEVICE)
+    ours = coupling_recompute.affine_coupling_recompute(z, grad_z, h, weight, running_mean,
+                                                        **options)  # fmt: skip
+    theirs = coupling_reference.affine_coupling_recompute(z, grad_z, h, weight, running_mean,
+                                                          **options)  # fmt: skip
+    for mine, expected in zip(ours, theirs, strict=True):
+        assert mine.dtype == torch.float64
+        assert relative_error(mine, expected) <= 1e-7
 
 
 def test_non_power_of_two_channels_forward_and_gradients():
