@@ -43,6 +43,12 @@ SMOOTHING_PX_PER_256 = 4.0
 STANDARDIZE_FLOOR = 1e-4
 
 
+#: recipes that compare per-image standardized latents (``relative``'s map)
+STANDARDIZED_RECIPES = ("relative", "fused", "fused_peak")
+#: recipes whose image score fuses the levels' maxima (they need ``level_scale``)
+LEVEL_FUSED_RECIPES = ("fused", "fused_peak")
+
+
 def uses_spread(recipe: str) -> bool:
     """Whether a scoring recipe needs the good images' spread of every latent element."""
     if recipe not in SCORINGS:
@@ -52,7 +58,7 @@ def uses_spread(recipe: str) -> bool:
 
 def uses_level_scale(recipe: str) -> bool:
     """Whether a scoring recipe needs the good images' mean maximum of every level's map."""
-    return uses_spread(recipe) and recipe in ("fused", "fused_peak")
+    return uses_spread(recipe) and recipe in LEVEL_FUSED_RECIPES
 
 
 def level_scale_size(recipe: str, levels: int) -> int:
@@ -73,7 +79,7 @@ def standardize_per_image(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]
 def recipe_latents(latents: Sequence[torch.Tensor], recipe: str) -> list[torch.Tensor]:
     """The latents a recipe compares with its template (and from which the template and
     spread of that recipe are computed)."""
-    if recipe in ("relative", "fused", "fused_peak"):
+    if recipe in STANDARDIZED_RECIPES:
         return standardize_per_image(latents)
     return list(latents)
 
