@@ -3,9 +3,10 @@
 
 One step of a recompute backward for one coupling is one fused kernel: the inverse, then
 the forward's backward from the rebuilt x, without re-running the forward for a graph.
-In training it is followed by the VN gradient correction; the CVN batch mean is reduced
-inside the fused kernel for batches of 2 to 4 (2 launches), else by the VN sum kernel first,
-as is SVN's (3 launches: its mean spans every pixel). 1 launch in eval.
+In training it is followed by the VN gradient correction; the VN batch mean is the
+caller's ``batch_mean`` when given (2 launches), else for CVN at batches of 2 to 4 reduced
+inside the fused kernel (2 launches), else by the VN sum kernel first (3 launches: SVN's
+mean spans every pixel). 1 launch in eval.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ def affine_coupling_recompute(
     volume_norm: str,
     training: bool,
     clamp: float = 2.0,
+    batch_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h, grad_weight)`` exactly as
     :func:`coupling_reference.affine_coupling_recompute`."""
     with torch.no_grad():
         x, grad_x, grad_h, grad_weight = torch.ops.pyramidflow.affine_coupling_recompute(
-            z, grad_z, h, weight, running_mean, volume_norm, bool(training), float(clamp)
-        )
+            z, grad_z, h, weight, running_mean, volume_norm, bool(training), float(clamp),
+            batch_mean,
+        )  # fmt: skip
     return x, grad_x, grad_h, grad_weight

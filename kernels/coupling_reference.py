@@ -116,20 +116,49 @@ def affine_coupling_recompute(
     volume_norm: str,
     training: bool,
     clamp: float = 2.0,
+    batch_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One coupling's step of a recompute backward: the forward's input ``x`` rebuilt from
     its output ``z``, then the forward's gradients at ``x``: ``(x, grad_x, grad_h,
-    grad_weight)`` for the incoming ``grad_z``. Not differentiable itself."""
+    grad_weight)`` for the incoming ``grad_z``. In training, ``batch_mean`` (the forward's
+    ``vn_mean``, if kept) is subtracted instead of the mean reduced from h again. Not
+    differentiable itself.
+
+    The gradients are written out (the chain rule of :func:`affine_coupling`, as the Triton
+    backward computes them) instead of taken by autograd through a rebuilt forward, whose
+    saved tensors made this step the CPU walk's memory peak; ``tests/test_invertible.py``
+    holds them to autograd's."""
+    kept = training and batch_mean is not None
+    if kept:
+        dims = vn_dims(volume_norm)
+        expected = tuple(1 if d in dims else n for d, n in enumerate(h[:, : z.shape[1]].shape))
+        got = tuple(batch_mean.shape)
+        if got != expected:
+            raise ValueError(f"batch_mean must have shape {expected}, got {got}")
     with torch.no_grad():
         log_scale, shift, _ = _log_scale_and_shift(
-            h, z.shape[-2:], running_mean, volume_norm, training, clamp
-        )
+            h, z.shape[-2:], batch_mean if kept else running_mean, volume_norm,
+            training and not kept, clamp,
+        )  # fmt: skip
         x = _inverse_affine(z, log_scale, shift, weight)
-        del log_scale, shift
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (x, h, weight)]
-        out, _ = affine_coupling(
-            *leaves, running_mean, volume_norm=volume_norm, training=training, clamp=clamp
-        )
-        grad_x, grad_h, grad_weight = torch.autograd.grad(out, leaves, grad_z)
+        scale = torch.exp(log_scale)
+        del log_scale
+        # z = W y, y = scale * x + shift, at the rebuilt x (as the forward would see it)
+        grad_weight = torch.einsum("bohw,bchw->oc", grad_z, torch.addcmul(shift, scale, x))
+        del shift
+        grad_y = mix_channels(weight.t(), grad_z)
+        channels = z.shape[1]
+        stride_h, stride_w = h.shape[-2] // z.shape[-2], h.shape[-1] // z.shape[-1]
+        picked = (stride_h, stride_w) != (1, 1)
+        grad_h = torch.zeros_like(h) if picked else torch.empty_like(h)
+        grad_s, grad_t = grad_h[:, :channels], grad_h[:, channels:]
+        grad_t[..., ::stride_h, ::stride_w] = grad_y
+        grad_x = grad_y.mul_(scale)  # grad_y is not needed any more
+        del scale
+        # d y / d log_scale = scale * x
+        torch.mul(grad_x, x, out=grad_s[..., ::stride_h, ::stride_w])
+        if training:  # the subtracted batch mean depends on every s of its VN group
+            grad_s -= grad_s.mean(dim=vn_dims(volume_norm), keepdim=True)
+        # d soft_clamp(s) / d s = gain / (1 + (s / clamp)^2), in place: one temporary
+        grad_s.div_((h[:, :channels] / clamp).square_().add_(1.0)).mul_(SOFT_CLAMP_GAIN)
     return x, grad_x, grad_h, grad_weight

@@ -580,12 +580,16 @@ def _subtracted_mean(
         return _vn_mean(h, geo, cvn, clamp)
     if running_mean is None:
         raise ValueError("eval mode needs the running mean of the volume normalization")
+    return _given_mean(running_mean, "running_mean", geo, cvn)
+
+
+def _given_mean(mean: torch.Tensor, name: str, geo: _Geometry, cvn: bool) -> torch.Tensor:
+    """A VN mean passed in (running, or a kept batch mean), checked, as a new contiguous
+    tensor."""
     expected = (1, 1, geo.hp, geo.wp) if cvn else (1, geo.channels, 1, 1)
-    if tuple(running_mean.shape) != expected:
-        raise ValueError(
-            f"running_mean must have shape {expected}, got {tuple(running_mean.shape)}"
-        )
-    return running_mean.detach().clone(memory_format=torch.contiguous_format)
+    if tuple(mean.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(mean.shape)}")
+    return mean.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _is_cvn(volume_norm: str) -> bool:
@@ -740,15 +744,19 @@ def _recompute_impl(
     volume_norm: str,
     training: bool,
     clamp: float,
+    batch_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, grads x, h, weight) of one recompute step: one fused launch, plus in training
-    the VN gradient correction and, unless the fused kernel reduces the CVN mean itself,
-    the VN batch sum."""
+    the VN gradient correction and, unless the caller passes the forward's ``batch_mean``
+    or the fused kernel reduces the CVN mean itself, the VN batch sum."""
     z, h, weight, grad_z = z.contiguous(), h.contiguous(), weight.contiguous(), grad_z.contiguous()
     geo, cvn = _Geometry(z, h, weight), _is_cvn(volume_norm)
-    mean_here = training and cvn and 2 <= geo.batch <= _MEAN_HERE_MAX_BATCH
+    kept = training and batch_mean is not None
+    mean_here = training and not kept and cvn and 2 <= geo.batch <= _MEAN_HERE_MAX_BATCH
     if mean_here:
         mean = torch.empty(1, device=h.device, dtype=h.dtype)  # not read
+    elif kept:
+        mean = _given_mean(batch_mean.to(h.dtype), "batch_mean", geo, cvn)
     else:
         mean = _subtracted_mean(h, running_mean, geo, cvn, training, clamp)
     x, grad_x = torch.empty_like(z), torch.empty_like(z)
@@ -837,9 +845,12 @@ def _recompute_fn(
     volume_norm: str,
     training: bool,
     clamp: float,
+    batch_mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (x, grad x, grad h, grad weight); not differentiable (it is a backward)."""
-    return _recompute_impl(z, grad_z, h, weight, running_mean, volume_norm, training, clamp)
+    return _recompute_impl(
+        z, grad_z, h, weight, running_mean, volume_norm, training, clamp, batch_mean
+    )
 
 
 def _setup(ctx, inputs, output) -> None:

@@ -167,6 +167,7 @@ def affine_coupling_recompute(
     volume_norm: str,
     training: bool,
     clamp: float = 2.0,
+    batch_mean: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One coupling's step of a memory-saving backward: ``(x, grad_x, grad_h, grad_weight)``.
@@ -178,6 +179,9 @@ def affine_coupling_recompute(
     training; ``vn_mean``'s gradient taken as zero: running statistics are not
     differentiated). The caller back-propagates ``grad_h`` and ``grad_weight`` into
     whatever produced h and weight. Not differentiable itself (it is a backward).
+    ``batch_mean`` (training only): the ``vn_mean`` that :func:`affine_coupling` returned
+    for this h, when the caller kept it; it is then used instead of reduced from h again
+    (it must be that mean: h is the forward's, bit for bit, in a recompute backward).
 
     Triton: the inverse (one VN batch reduction in training, whose mean the backward
     reuses) and the fused backward, without re-running the forward for a graph; 4 kernel
@@ -188,7 +192,7 @@ def affine_coupling_recompute(
                backend, z)  # fmt: skip
     return fn(
         z, grad_z, h, weight, running_mean, volume_norm=volume_norm, training=training,
-        clamp=clamp,
+        clamp=clamp, batch_mean=batch_mean,
     )  # fmt: skip
 
 

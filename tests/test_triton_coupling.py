@@ -185,6 +185,29 @@ def test_recompute_step_matches_reference(channels, batch, stride, volume_norm, 
         assert relative_error(mine, expected) <= TOL, name
 
 
+# CVN at B = 2..4 is left out: the fused kernel sums its mean in another order than the
+# forward's VN sum kernel, so there the kept mean may differ from it in the last bit.
+@pytest.mark.parametrize("volume_norm, batch", [("SVN", 2), ("SVN", 5), ("CVN", 5)])
+def test_recompute_step_with_the_forwards_kept_mean_is_unchanged_bit_for_bit(volume_norm, batch):
+    """Passing the forward's VN batch mean (as the recompute walk does for SVN) spares the
+    reduction over h and changes no bit where the op would reduce it as the forward did,
+    in the Triton op and in the reference; a mean of another shape is refused by name."""
+    x, h, weight, running_mean = make_inputs(5, batch, 2, volume_norm, seed=3)
+    options = {"volume_norm": volume_norm, "training": True}
+    grad_z = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    for module, forward in ((coupling_recompute, coupling_triton), (coupling_reference,) * 2):
+        with torch.no_grad():
+            z, kept = forward.affine_coupling(x, h, weight, running_mean, **options)
+        args = (z, grad_z, h, weight, running_mean)
+        reduced = module.affine_coupling_recompute(*args, **options)
+        given = module.affine_coupling_recompute(*args, **options, batch_mean=kept)
+        for name, a, b in zip(("x", "grad x", "grad h", "grad weight"), given, reduced,
+                              strict=True):  # fmt: skip
+            assert torch.equal(a, b), f"{module.__name__}: {name}"
+        with pytest.raises(ValueError, match="batch_mean must have shape"):
+            module.affine_coupling_recompute(*args, **options, batch_mean=kept.flatten())
+
+
 def test_recompute_step_in_float64_matches_reference_to_float64_precision():
     x, h, weight, running_mean = (t.double() for t in make_inputs(6, 2, 1, "CVN", seed=5))
     options = {"volume_norm": "CVN", "training": True}

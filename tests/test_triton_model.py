@@ -197,10 +197,10 @@ def test_recompute_step_launches_each_coupling_kernel_once_per_block_and_pass(
     blocks = len(model.blocks)
     assert blocks == 16
     # per block: the forward's VN sum and coupling; the walk's one fused recompute kernel
-    # (inverse + backward) and the VN gradient correction. SVN's walk also reduces its
-    # mean over every pixel first; CVN's fused kernel reduces it per pixel itself.
+    # (inverse + backward) and the VN gradient correction. The walk reduces no mean: CVN's
+    # fused kernel reduces it per pixel itself, SVN's comes kept from the forward.
     coupling = {
-        "_vn_sum_kernel": blocks if volume_norm == "CVN" else 2 * blocks,
+        "_vn_sum_kernel": blocks,
         "_coupling_fwd_kernel": blocks,
         "_coupling_recompute_kernel": blocks,
         "_vn_grad_kernel": blocks,
@@ -209,6 +209,6 @@ def test_recompute_step_launches_each_coupling_kernel_once_per_block_and_pass(
     }
     assert {k: launches[k] for k in coupling} == coupling
     total = sum(launches.values())
-    assert total == (4 if volume_norm == "CVN" else 5) * blocks + 22
-    # CVN (the default): 86 of 150, 57 %; SVN: 102, 68 %
-    assert total <= (0.6 if volume_norm == "CVN" else 0.7) * LAUNCHES_BEFORE
+    assert total == 4 * blocks + 22
+    # 86 of 150, 57 % (SVN made 102 before it kept its mean)
+    assert total <= 0.6 * LAUNCHES_BEFORE

@@ -5,8 +5,9 @@ the final latents (and the parameters, which cost no extra memory). Backward wal
 blocks in reverse: for each block it evaluates the parameter network once, with grad
 enabled, on the conditioning levels (unchanged by the block, so identical to the
 forward's). With that h, ``affine_coupling_recompute`` inverts the block (its VN batch
-mean reduced once) and runs the fused coupling backward, whose grad h goes straight into
-the parameter network's graph: the coupling itself is not re-run to get a graph.
+mean reduced once; SVN's, C numbers per block, kept from the forward) and runs the fused
+coupling backward, whose grad h goes straight into the parameter network's graph: the
+coupling itself is not re-run to get a graph.
 Running statistics are updated in the forward only.
 
 The latents are saved by a separate identity node (:class:`_KeepLatents`) whose backward
@@ -87,7 +88,7 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
     def forward(ctx, blocks, handover, observer, budget_mb, n_levels, *levels_and_params):  # type: ignore[override]
         levels = [t.detach() for t in levels_and_params[:n_levels]]
         with torch.no_grad():
-            levels = _run_blocks(blocks, levels, budget_mb)
+            levels, ctx.batch_means = _run_blocks(blocks, levels, budget_mb)
         ctx.blocks, ctx.handover, ctx.n_levels = blocks, handover, n_levels
         ctx.observer, ctx.budget_mb = observer, budget_mb
         ctx.save_for_backward(*levels_and_params[n_levels:])
@@ -115,7 +116,9 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
         owned_grads = {i for i, g in enumerate(grad_latents) if g is None or held_only_here(g)}
         del grad_latents
         param_grads: list[torch.Tensor | None] = []
-        for block, live in zip(reversed(blocks), reversed(live_at_input), strict=True):
+        walk = zip(reversed(blocks), reversed(live_at_input), reversed(ctx.batch_means),
+                   strict=True)  # fmt: skip
+        for block, live, batch_mean in walk:
             bands = row_bands(block, levels, ctx.budget_mb)
             if bands is not None:
                 param_grads[:0] = backward_block(
@@ -124,6 +127,7 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                 if ctx.observer is not None:
                     ctx.observer(block)
                 continue
+            target = block.target
             with torch.enable_grad():
                 conditioned = list(levels)
                 cond_inputs = []
@@ -131,18 +135,20 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
                     if live[index]:
                         conditioned[index] = levels[index].detach().requires_grad_(True)
                         cond_inputs.append((index, conditioned[index]))
-                # h and the mixing weight go in unnamed: the call frees each before its
-                # graph runs backward
+                # z, its gradient, h and the mixing weight go in unnamed (Python 3.11+
+                # hands a call's argument references to the callee): the call frees z and
+                # grad z once x and grad x exist, and h and the weight before their graphs
+                # run backward
                 x, grad_x, results = block.transform_backward(
-                    levels[block.target], grads[block.target], block.parameters_for(conditioned),
-                    block.mixing.weight(), block.running_mean_view(),
-                    [leaf for _, leaf in cond_inputs] + _trainable(block),
+                    _take(levels, target), _take(grads, target),
+                    _parameters_releasing(block, conditioned), block.mixing.weight(),
+                    block.running_mean_view(),
+                    [leaf for _, leaf in cond_inputs] + _trainable(block), batch_mean,
                 )  # fmt: skip
-                del conditioned
-            levels[block.target] = x
-            owned_levels.add(block.target)
-            grads[block.target] = grad_x if live[block.target] else None
-            owned_grads.add(block.target)
+            levels[target] = x
+            owned_levels.add(target)
+            grads[target] = grad_x if live[target] else None
+            owned_grads.add(target)
             for index, _ in cond_inputs:
                 g = results.pop(0)
                 if g is not None:
@@ -158,20 +164,37 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
         return (None, None, None, None, None, *input_grads, *param_grads)
 
 
+def _take(tensors: list, index: int) -> torch.Tensor:
+    """``tensors[index]``, leaving None in its place."""
+    taken, tensors[index] = tensors[index], None
+    return taken
+
+
+def _parameters_releasing(block: CouplingBlock, conditioned: list) -> torch.Tensor:
+    """``block.parameters_for(conditioned)``, then ``conditioned`` emptied (it holds the
+    target level too, which the walk is about to free)."""
+    h = block.parameters_for(conditioned)
+    conditioned.clear()
+    return h
+
+
 def _run_blocks(
     blocks: Sequence[CouplingBlock], levels: list[torch.Tensor], budget_mb: int
-) -> list[torch.Tensor]:
-    """Apply the blocks without autograd, in row bands where the budget asks for them."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Apply the blocks without autograd, in row bands where the budget asks for them;
+    returns the levels and, per block, the VN batch mean it kept (or None)."""
     owned: set[int] = set()
+    kept_means: list[torch.Tensor | None] = []
     for block in blocks:
         bands = row_bands(block, levels, budget_mb)
         if bands is None:
-            levels = block(levels, update_stats=True)
+            levels = block(levels, update_stats=True, kept_means=kept_means)
             owned.add(block.target)
         else:
             levels = list(levels)
             forward_block(block, levels, bands, owned, update_stats=True)
-    return levels
+            kept_means.append(None)
+    return levels, kept_means
 
 
 def _live_levels(
@@ -230,7 +253,7 @@ class InvertibleSequence(nn.Module):
         if memory not in ("recompute", "store"):
             raise ValueError(f"memory must be 'recompute' or 'store', got {memory!r}")
         if not needs_graph:
-            return _run_blocks(self.blocks, list(levels), self.budget_mb(levels[0].device))
+            return _run_blocks(self.blocks, list(levels), self.budget_mb(levels[0].device))[0]
         levels = list(levels)
         for block in self.blocks:
             levels = block(levels)

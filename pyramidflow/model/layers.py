@@ -224,15 +224,28 @@ class CouplingBlock(nn.Module):
             view = self.running_mean_view()
             view.mul_(1.0 - self.momentum).add_(mean.detach().to(view.dtype), alpha=self.momentum)
 
-    def transform(self, x: torch.Tensor, h: torch.Tensor, update_stats: bool) -> torch.Tensor:
-        """Coupling of the target level given the parameter output ``h``."""
+    def transform(
+        self, x: torch.Tensor, h: torch.Tensor, update_stats: bool,
+        kept_means: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Coupling of the target level given the parameter output ``h``. With
+        ``kept_means``, appends the VN batch mean the coupling subtracted where
+        :meth:`keeps_batch_mean` (else None), for :meth:`transform_backward`."""
         synced = self._vn_correction(h)
         if synced is not None:
             x = x * torch.exp(-self._picked(synced[0], x))
         z, mean = self.couple(x, h, self.mixing.weight(), self.running_mean_view())
         if update_stats:
             self.update_running_mean(mean if synced is None else synced[1])
+        if kept_means is not None:
+            kept_means.append(mean.detach() if self.keeps_batch_mean() else None)
         return z
+
+    def keeps_batch_mean(self) -> bool:
+        """Whether a recompute forward keeps this block's VN batch mean for the backward:
+        SVN's is C numbers, and keeping it spares the backward a reduction over h. A CVN
+        mean is a parameter-sized map: kept per block it would grow with depth."""
+        return self.training and self.volume_norm == "SVN"
 
     def untransform(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`transform` (no statistics are touched)."""
@@ -245,6 +258,7 @@ class CouplingBlock(nn.Module):
     def transform_backward(
         self, z: torch.Tensor, grad_z: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
         running_mean: torch.Tensor, wrt: Sequence[torch.Tensor],
+        batch_mean: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:  # fmt: skip
         """The recompute backward of :meth:`transform` on (a band of) the target level.
 
@@ -253,18 +267,20 @@ class CouplingBlock(nn.Module):
         tensors ``wrt`` that ``h`` and ``weight`` (passed with their graphs, and held by
         nothing else, so that they are freed before their graphs run backward) were
         computed from. The fused coupling backward gives grad h straight to the parameter
-        network: the forward is not re-run to get a graph.
+        network: the forward is not re-run to get a graph. ``batch_mean``: the one
+        :meth:`transform` kept, if it did (the op then does not reduce h for it).
         """
         x, grad_x, grad_h, grad_weight = ops.affine_coupling_recompute(
             z, grad_z, h.detach(), weight.detach(), running_mean,
             volume_norm=self.volume_norm, training=self.training, clamp=self.clamp,
-            backend=self.backend,
+            batch_mean=batch_mean, backend=self.backend,
         )  # fmt: skip
+        del z, grad_z  # freed here unless the caller holds them
         outputs, grads = [h, weight], [grad_h, grad_weight]
         synced = self._vn_correction(h)
         if synced is not None:
             # the coupling's input was x * exp(-c), c the synced correction (a function of h)
-            log_factor = self._picked(synced[0], z)
+            log_factor = self._picked(synced[0], x)
             x = x * torch.exp(log_factor.detach())
             outputs.append(x * torch.exp(-log_factor))
             grads.append(grad_x)
@@ -274,7 +290,7 @@ class CouplingBlock(nn.Module):
         del h, weight, outputs, synced
         if not edges or not wrt:
             return x, grad_x, [None] * len(wrt)
-        with backward_scope(self.conv_precision, z.device):
+        with backward_scope(self.conv_precision, x.device):
             results = torch.autograd.grad(edges, wrt, grads, allow_unused=True)
         return x, grad_x, list(results)
 
@@ -326,11 +342,15 @@ class CouplingBlock(nn.Module):
             h = F.conv2d(hidden, conv_out.weight, stride=stride, padding=(0, pad))
         return parameter_output(h, condition.dtype)
 
-    def forward(self, levels: Levels, update_stats: bool = True) -> Levels:
-        """Apply the block; returns a new list with the target level replaced."""
+    def forward(
+        self, levels: Levels, update_stats: bool = True,
+        kept_means: list[torch.Tensor | None] | None = None,
+    ) -> Levels:  # fmt: skip
+        """Apply the block; returns a new list with the target level replaced
+        (``kept_means``: see :meth:`transform`)."""
         out = list(levels)
         out[self.target] = self.transform(
-            levels[self.target], self.parameters_for(levels), update_stats
+            levels[self.target], self.parameters_for(levels), update_stats, kept_means
         )
         return out
 
