@@ -369,6 +369,7 @@ class Detector:
             )
         if not images.is_floating_point():
             raise ValueError(f"a tensor batch must hold normalized floats, got {images.dtype}")
+        model.check_input(images)  # here too: an empty batch never reaches the model
         return images.to(next(model.parameters()).dtype)
 
     @staticmethod

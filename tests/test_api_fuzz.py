@@ -203,3 +203,11 @@ def test_metrics_on_any_maps_give_bounded_numbers_or_a_value_error(
     for name, value in metrics.items():
         assert isinstance(value, float), name
         assert math.isnan(value) or (name.endswith("threshold") or 0.0 <= value <= 1.0), name
+
+
+def test_an_empty_tensor_batch_is_checked_like_any_other(detector: Detector) -> None:
+    """No image means no map, but a batch of the wrong shape is refused even when empty
+    (found by the fuzz test above: an empty batch never reached the model's checks)."""
+    assert detector.predict(torch.zeros(0, 3, 32, 32)) == []
+    with pytest.raises(ValueError, match="3-channel images, got 0 channels"):
+        detector.predict(torch.zeros(0, 0, 0, 0))
