@@ -513,9 +513,9 @@ def compile_task(task: dict[str, Any]) -> dict[str, Any]:
     if dump:  # the compiled code, for reading (``--dump DIR``)
         key = config_key(result)
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-        stem = Path(dump) / f"{result['target']}{result['kernel']}.{digest}"
+        stem = f"{result['target']}{result['kernel']}.{digest}"
         for kind in ("ttgir", "ptx"):
-            stem.with_suffix(f".{kind}").write_text(compiled.asm[kind])
+            (Path(dump) / f"{stem}.{kind}").write_text(compiled.asm[kind])
     result["bar_sync"] = barrier_count(compiled.asm["ptx"])
     result["convert_layout"] = convert_layout_count(compiled.asm["ttgir"])
     result["facts"] = facts_of(result)

@@ -50,7 +50,7 @@ __all__ = ["anomaly_map", "fourier_loss", "rfft2_adjoint"]
 _PAIR_IMAGES = 8  # images per pair block: B_pad <= 8 keeps a block pair in registers
 _PAIR_TILE = 4096  # block images^2 * pixels held by one pair program
 _ABS_DIFF_IMAGES = 16  # images per anomaly-map program: the template is read B / 16 times
-_ABS_DIFF_TILE = 4096  # images x pixels held by one anomaly-map program
+_ABS_DIFF_TILE = 4096  # images x float32 pixels held by one anomaly-map program
 
 # --------------------------------------------------------------------------- kernels
 
@@ -396,7 +396,9 @@ def abs_diff_mean_launch(z: torch.Tensor, template: torch.Tensor) -> torch.Tenso
     pixels = height * width
     out = z.new_empty((batch, 1, height, width))
     block_b = min(triton.next_power_of_2(batch), _ABS_DIFF_IMAGES)
-    block = tile_1d(pixels, _ABS_DIFF_TILE // block_b)
+    # float64 tiles hold half the values: the same registers (4096 spilled with Triton 3.6)
+    values = _ABS_DIFF_TILE // 2 if z.dtype == torch.float64 else _ABS_DIFF_TILE
+    block = tile_1d(pixels, values // block_b)
     launch(
         _abs_diff_mean_kernel,
         (triton.cdiv(pixels, block), triton.cdiv(batch, block_b)),

@@ -145,9 +145,9 @@ def _window_kernel(
     taps and the 2x2 reduction. The fine sizes are even by construction (H = 2 Ho,
     W = 2 Wo), which lets the pair loads vectorize."""
     chunks = tl.cdiv(Ho, ROWS)
-    seg = tl.program_id(0).to(tl.int64) * SEGMENTS + tl.arange(0, SEGMENTS)[:, None]
+    seg = tl.program_id(0) * SEGMENTS + tl.arange(0, SEGMENTS)[:, None]
     live = seg < N * chunks  # [SEGMENTS, 1]
-    plane = seg // chunks
+    plane = (seg // chunks).to(tl.int64)
     p_start = ((seg % chunks) * ROWS).to(tl.int32)
     q = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]  # [1, BLOCK_W]
     H = 2 * Ho
