@@ -84,12 +84,15 @@ def _sizes(levels: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
 def band_transient_bytes(block: CouplingBlock, levels: Sequence[torch.Tensor], rows: int) -> int:
     """Estimated peak transient of the recompute backward of a band of ``rows`` target rows:
     twice each of its tensors (the tensor and its gradient or a saved copy), the
-    conditioning rows and hidden rows with their halos, the rows of h and of the target.
+    conditioning rows and hidden rows with their halos, the rows of h and of the target;
+    and once more the rows of h: the coupling step hands the parameter network's graph a
+    whole grad h, held until that graph's backward returns.
 
-    Calibrated by ``bench/band_transient.py``, which measures one band's backward: at
-    1024 and 2048 px this is 0.91 to 1.09 times the measured transient for bands of 32 to
-    128 rows of the up, dual(0) and dual(1) blocks (an earlier count, without the factor
-    2's reasoning, was 2.3 to 2.7 times: bands were half as tall as the budget allowed)."""
+    Calibrated by ``bench/band_transient.py``, which measures one band's backward (README,
+    "High resolution": the ratios per block and band height). Before the walk called the
+    coupling step, grad h was made and freed inside autograd and the count without it
+    was 0.91 to 1.09 times the measurement; an earlier count, without the factor 2's
+    reasoning, was 2.3 to 2.7 times (bands were half as tall as the budget allowed)."""
     sizes = _sizes(levels)
     target = levels[block.target]
     batch, channels, width = target.shape[0], target.shape[1], target.shape[-1]
@@ -99,13 +102,14 @@ def band_transient_bytes(block: CouplingBlock, levels: Sequence[torch.Tensor], r
     rows_h = rows * block.param_rows_per_target_row(sizes)
     rows_hidden = (rows_h - 1) * stride + 1 + 2 * pad
     rows_condition = rows_hidden + 2 * pad
+    h_elements = rows_h * (param_width // stride) * 2 * channels
     elements = (
         rows_condition * param_width * conv_in.in_channels
         + rows_hidden * param_width * conv_in.out_channels
         + rows_h * (param_width // stride) * conv_in.out_channels
         + rows * width * channels
     )
-    return 2 * elements * batch * target.element_size()
+    return (2 * elements + h_elements) * batch * target.element_size()
 
 
 def row_bands(block: CouplingBlock, levels: Sequence[torch.Tensor], budget_mb: int) -> Bands | None:
