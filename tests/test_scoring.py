@@ -25,6 +25,7 @@ from pyramidflow.model.scoring import (
     score_latents,
     smoothing_sigma,
     standardize_per_image,
+    uses_level_scale,
 )
 from pyramidflow.preprocess import load_stack
 from pyramidflow.training.template import (
@@ -140,7 +141,7 @@ def test_spread_recipes_maps_are_the_normalized_composed_and_smoothed_residuals(
         expected = expected / expected.mean(dim=(1, 2), keepdim=True)
         assert relative_error(maps.mean(dim=(1, 2)), torch.ones(maps.shape[0])) < 1e-6
     assert relative_error(maps, expected) < 1e-6
-    if not znorm.config.scoring.startswith("fused"):
+    if not uses_level_scale(znorm.config.scoring):
         assert torch.equal(scores, maps.flatten(1).amax(1))
         return
     # fused: each level's residual composed alone, made relative, its maximum over the good
@@ -229,7 +230,7 @@ def test_znorm_checkpoint_round_trip_and_missing_spread(znorm, tiny_category, tm
     save_checkpoint(broken, checkpoint.model, checkpoint.template, checkpoint.info, bad)
     with pytest.raises(CheckpointError, match="positive and finite"):
         Detector.load(broken)
-    if not znorm.config.scoring.startswith("fused"):
+    if not uses_level_scale(znorm.config.scoring):
         return
     assert torch.equal(loaded.level_scale, znorm.level_scale)
     extras = {k: v for k, v in checkpoint.extra_tensors.items() if k != LEVEL_SCALE_KEY}
@@ -281,7 +282,7 @@ def test_masks_compare_the_map_with_a_threshold_on_the_maps_scale(znorm, tiny_ca
     expected, _ = decision_threshold(maps.flatten(1).amax(1).numpy(), quantile)
     assert znorm.map_threshold() == expected
     assert znorm.threshold == decision_threshold(scores.numpy(), quantile)[0]
-    if not znorm.config.scoring.startswith("fused"):
+    if not uses_level_scale(znorm.config.scoring):
         assert znorm.map_threshold() == znorm.threshold
     image = next((tiny_category / "test").glob("*/*.png"))
     prediction = znorm.predict(image)
